@@ -23,6 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would make outputs private to the runner
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -38,9 +39,15 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save through a buffer: the archive then does not embed the (random)
+    temp file name, so equal objects give byte-identical files."""
+    import io
+
     import torch
 
-    return write_with(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_with(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def load_torch(path: str | os.PathLike, what: str = "file") -> Any:

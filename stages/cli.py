@@ -1,0 +1,132 @@
+"""The `up` command: one sub-command per DVC stage, plus `generate`.
+
+Every stage command validates params.yaml before doing any work (exit 2 with
+one line per bad key), then sets threads and seeds and runs the stage module.
+Heavy imports (torch) happen inside the commands so `up --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Uncertainty-preserving visual autoregression: the pipeline's stage commands.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Variant = Annotated[str, typer.Option(help="Variant name declared under `variants` in params.yaml.")]
+Seed = Annotated[int, typer.Option(help="Training seed (one of `seeds` in params.yaml).")]
+
+
+def _fail(lines: list[str], code: int) -> None:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _params(variant: str | None = None):
+    from up.config import ParamsError, load_params
+
+    try:
+        params = load_params()
+        if variant is not None:
+            params.variant(variant)
+    except ParamsError as exc:
+        _fail(exc.lines, 2)
+    return params
+
+
+def _run(stage: str, seed: int | None = None, variant: str | None = None, **kwargs) -> None:
+    """Validate params, set up the process, run ``stages.<stage>.run``."""
+    params = _params(variant)
+    from up.errors import StageError
+    from up.runtime import setup
+
+    setup(params.seed if seed is None else seed, params.threads)
+    module = importlib.import_module(f"stages.{stage}")
+    extra = {} if variant is None else {"variant": variant, "seed": seed}
+    try:
+        module.run(params, **extra, **kwargs)
+    except (StageError, FileNotFoundError) as exc:
+        _fail([f"{stage}: {exc}"], 1)
+
+
+@app.command()
+def prepare() -> None:
+    """Read the data source, split train/val/test, store uint8 tensors."""
+    _run("prepare")
+
+
+@app.command()
+def tokenizer() -> None:
+    """Train the multi-scale VQ-VAE and cluster its codebook."""
+    _run("tokenizer")
+
+
+@app.command()
+def tokenize() -> None:
+    """Encode every split once into multi-scale token indices."""
+    _run("tokenize")
+
+
+@app.command()
+def evaluator() -> None:
+    """Train the feature network used for offline FID/KID/IS/PR."""
+    _run("evaluator")
+
+
+@app.command()
+def train(variant: Variant, seed: Seed = 0) -> None:
+    """Train the VAR transformer with the variant's loss (resumes automatically)."""
+    _run("train", seed=seed, variant=variant)
+
+
+@app.command()
+def sample(variant: Variant, seed: Seed = 0) -> None:
+    """Generate class-conditional images with per-token uncertainty."""
+    _run("sample", seed=seed, variant=variant)
+
+
+@app.command()
+def evaluate(variant: Variant, seed: Seed = 0) -> None:
+    """Quality, diversity, calibration and selective generation of one variant."""
+    _run("evaluate", seed=seed, variant=variant)
+
+
+@app.command()
+def report() -> None:
+    """One comparison table and figures over all variants and seeds."""
+    _run("report")
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Option(help="A models/var-*.pt file.")],
+    out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("generated.png"),
+    tokenizer_path: Annotated[Path, typer.Option("--tokenizer")] = Path("models/tokenizer.pt"),
+    classes: Annotated[str, typer.Option(help="Comma-separated class ids.")] = "0,1,2,3,4,5,6,7,8,9",
+    n: Annotated[int, typer.Option(help="Images per class.")] = 8,
+    seed: int = 0,
+    cfg: float = 2.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+) -> None:
+    """Write a sample grid from any variant's checkpoint, outside the pipeline."""
+    try:
+        class_ids = [int(c) for c in classes.split(",") if c.strip()]
+    except ValueError:
+        _fail([f"--classes {classes!r}: expected comma-separated integers"], 2)
+    _run("generate", checkpoint=checkpoint, tokenizer=tokenizer_path, classes=class_ids, n=n,
+         seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, out=out)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,64 @@
+"""tokenizer: train the multi-scale VQ-VAE, measure it, cluster its codebook."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from up.config import Params
+from up.errors import StageError
+from up.io import load_torch, save_image_grid, save_json, save_torch, save_tsv
+from up.runtime import resolve_device
+from up.tokenizer_training import (
+    build_tokenizer,
+    cluster_codebook,
+    evaluate_tokenizer,
+    progressive_grid,
+    train_tokenizer,
+)
+
+PREPARED = Path("data/prepared")
+CHECKPOINT = Path("checkpoints/tokenizer.pt")
+MODEL = Path("models/tokenizer.pt")
+
+
+def load_split(name: str) -> dict:
+    path = PREPARED / f"{name}.pt"
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the prepare stage first")
+    return load_torch(path, f"{name} split")
+
+
+def run(params: Params) -> None:
+    tp = params.tokenizer
+    train, val = load_split("train"), load_split("val")
+    channels, height, width = train["images"].shape[1:]
+    if height != width or height != tp.patch_nums[-1] * tp.downsample:
+        raise StageError(
+            f"images are {height}x{width}; tokenizer.patch_nums ends at {tp.patch_nums[-1]} and "
+            f"tokenizer.downsample is {tp.downsample}, so they must be square with side "
+            f"{tp.patch_nums[-1] * tp.downsample}")
+    device = resolve_device(params.device)
+    resolved = {"tokenizer": tp.model_dump(), "seed": params.seed, "threads": params.threads,
+                "device": params.device, "data": params.data.model_dump()}
+
+    model = build_tokenizer(tp, channels)
+    started = time.perf_counter()
+    state = train_tokenizer(model, train["images"], tp, params.seed, CHECKPOINT, resolved, device)
+    train_s = time.perf_counter() - started
+
+    metrics = evaluate_tokenizer(model, val["images"], device=device)
+    code_to_cluster = cluster_codebook(model.quantizer.embedding.weight, tp.semantic_clusters,
+                                       params.seed, params.threads)
+    save_torch({"config": model.config, "state_dict": model.cpu().state_dict(),
+                "code_to_cluster": code_to_cluster, "num_clusters": tp.semantic_clusters}, MODEL)
+    save_json(resolved, MODEL.with_suffix(".params.json"))
+    save_json({**metrics, "train_steps": state.step, "train_wall_s": round(state.wall_s, 2),
+               "stage_train_s": round(train_s, 2), "reseeded_codes": state.reseeded,
+               "clusters_used": int(torch.unique(code_to_cluster).numel())},
+              "metrics/tokenizer.json")
+    save_tsv(state.curves, "plots/tokenizer/curves.tsv")
+    grid = progressive_grid(model, val["images"][:tp.grid_images])
+    save_image_grid(grid, "plots/tokenizer/grid.png", nrow=min(tp.grid_images, len(val["images"])))

@@ -1,0 +1,139 @@
+"""The evaluator: a small CNN classifier whose features replace Inception offline.
+
+FID, KID, precision/recall and diversity need a feature space in which images
+of one class lie close together; IS and the class accuracy of samples need
+class posteriors. A classifier trained on the dataset itself gives both and
+runs without downloading anything. Its penultimate features are multiplied by
+a constant, fitted on the train split, that sets their RMS magnitude to an
+Inception-like value: KID's polynomial kernel (x.y / d + 1)^3 is not scale
+invariant, and raw features of a small CNN gave meaningless KID values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from up.io import load_torch, save_torch
+from up.runtime import progress
+from up.schedule import StepBatches, lr_factor, set_lr
+
+
+class Evaluator(nn.Module):
+    """Conv blocks (two 3x3 convs, then 2x2 max-pool) -> global average -> features -> logits."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], feature_dim: int):
+        super().__init__()
+        blocks, channels = [], in_channels
+        for width in widths:
+            blocks += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                       nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = width
+        self.body = nn.Sequential(*blocks)
+        self.project = nn.Linear(channels, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_multiplier = 1.0  # set from the train split after training
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, C, H, W) -> (scaled features (B, feature_dim), logits (B, classes))."""
+        x = images.float() / 127.5 - 1.0
+        x = self.body(x).mean(dim=(2, 3))
+        raw = F.relu(self.project(x))
+        return raw * self.feature_multiplier, self.head(raw)
+
+
+@torch.no_grad()
+def evaluator_outputs(model: Evaluator, images: torch.Tensor, batch_size: int = 256,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of a uint8 image set, computed in batches, returned on the CPU."""
+    model.eval()
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        f, z = model(images[start:start + batch_size].to(device))
+        features.append(f.float().cpu())
+        logits.append(z.float().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
+def feature_multiplier(model: Evaluator, images: torch.Tensor, target_rms: float,
+                       device: torch.device | str = "cpu") -> float:
+    """The constant that gives the features of ``images`` an RMS entry of ``target_rms``."""
+    saved, model.feature_multiplier = model.feature_multiplier, 1.0
+    try:
+        raw, _ = evaluator_outputs(model, images, device=device)
+    finally:
+        model.feature_multiplier = saved
+    rms = raw.double().pow(2).mean().sqrt().item()
+    if rms == 0.0:
+        raise RuntimeError("evaluator features are all zero on the train split (dead ReLUs)")
+    return target_rms / rms
+
+
+def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                    widths: list[int], feature_dim: int, feature_scale: float, steps: int,
+                    batch_size: int, lr: float, seed: int, device: torch.device | str = "cpu",
+                    show_progress: bool = True) -> Evaluator:
+    """Train on uint8 ``images`` with AdamW and a cosine schedule; set the feature multiplier.
+
+    The batch of step s is a pure function of (seed, s) (StepBatches), so the
+    result depends only on the arguments and the thread count.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = Evaluator(images.shape[1], num_classes, list(widths), feature_dim)
+    with torch.no_grad():  # a seeded init independent of the global RNG
+        for p in model.parameters():
+            if p.dim() > 1:
+                nn.init.kaiming_uniform_(p, a=5 ** 0.5, generator=gen)
+            else:
+                p.zero_()
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    batches = StepBatches(len(images), min(batch_size, len(images)), seed)
+    warmup = min(50, steps // 10)
+    with progress(disable=not show_progress) as bar:
+        task = bar.add_task("evaluator", total=steps, info="")
+        for step in range(steps):
+            set_lr(optimizer, lr * lr_factor(step, steps, warmup, "cosine"))
+            index = batches(step)
+            x, y = images[index].to(device), labels[index].to(device)
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"evaluator loss is {loss.item()} at step {step}")
+            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+    model.eval()
+    model.feature_multiplier = feature_multiplier(model, images, feature_scale, device)
+    return model
+
+
+def accuracy(model: Evaluator, images: torch.Tensor, labels: torch.Tensor,
+             device: torch.device | str = "cpu") -> float:
+    _, logits = evaluator_outputs(model, images, device=device)
+    return (logits.argmax(1) == labels).double().mean().item()
+
+
+def evaluator_config(model: Evaluator) -> dict[str, Any]:
+    convs = [m for m in model.body if isinstance(m, nn.Conv2d)]
+    return {"in_channels": convs[0].in_channels, "num_classes": model.head.out_features,
+            "widths": [c.out_channels for c in convs[::2]], "feature_dim": model.project.out_features}
+
+
+def save_evaluator(model: Evaluator, path: str | Path, **extra: Any) -> None:
+    save_torch({"config": evaluator_config(model), "state_dict": model.state_dict(),
+                "feature_multiplier": model.feature_multiplier, **extra}, path)
+
+
+def load_evaluator(path: str | Path) -> Evaluator:
+    """The saved evaluator in eval mode, features scaled as at training time."""
+    ckpt = load_torch(path, "evaluator checkpoint")
+    model = Evaluator(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.feature_multiplier = float(ckpt["feature_multiplier"])
+    return model.eval().requires_grad_(False)

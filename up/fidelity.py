@@ -1,0 +1,173 @@
+"""Quality metrics through torch-fidelity: FID, KID, IS, precision and recall.
+
+Two feature networks: the project's evaluator (offline, registered as a
+torch-fidelity feature extractor) and torch-fidelity's own
+``inception-v3-compat`` (the standard for natural RGB images; weights from a
+local path or downloaded). Settings that torch-fidelity would otherwise pick
+silently are fixed here: the extractor is always named (precision/recall
+default to VGG16, which it tries to download), the disk cache is off (it keys
+on names, not weights) and KID's subset size never exceeds the sample count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torch_fidelity import calculate_metrics
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.helpers import vassert
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+from up.evaluator import load_evaluator
+
+EVALUATOR_EXTRACTOR = "up-evaluator"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+
+
+class EvaluatorFeatureExtractor(FeatureExtractorBase):
+    """The project's evaluator as a torch-fidelity extractor: 'features' (FID, KID,
+    precision/recall) and 'logits' (IS: torch-fidelity applies the softmax itself)."""
+
+    def __init__(self, name: str, features_list: list[str],
+                 feature_extractor_weights_path: str | None = None, **kwargs: Any):
+        super().__init__(name, features_list)
+        vassert(feature_extractor_weights_path is not None,
+                f"{name} needs feature_extractor_weights_path (a models/evaluator.pt file)")
+        self.net = load_evaluator(feature_extractor_weights_path)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vassert(x.dtype == torch.uint8 and x.dim() == 4, "expecting uint8 images (B, C, H, W)")
+        features, logits = self.net(x)
+        out = {"features": features, "logits": logits}
+        return tuple(out[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+
+def register_evaluator() -> None:
+    """Register the evaluator extractor once per process (a second registration raises)."""
+    if EVALUATOR_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(EVALUATOR_EXTRACTOR, EvaluatorFeatureExtractor)
+
+
+class UInt8Images(Dataset):
+    """Bare uint8 (C, H, W) tensors, the input torch-fidelity expects; grayscale is
+    repeated to 3 channels for Inception, which accepts RGB only."""
+
+    def __init__(self, images: torch.Tensor, rgb: bool = False):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        self.images, self.rgb = images, rgb
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.images[i]
+        return image.expand(3, -1, -1) if self.rgb and image.shape[0] == 1 else image
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """Which feature network and how torch-fidelity runs it."""
+
+    extractor: str = "evaluator"  # evaluator | inception-v3-compat
+    weights_path: str | None = None  # evaluator checkpoint, or local Inception state dict
+    cuda: bool = False
+    batch_size: int = 256
+    kid_subset_size: int = 200
+    kid_subsets: int = 50
+    pr_neighborhood: int = 3
+    seed: int = 0
+
+    @property
+    def extractor_name(self) -> str:
+        if self.extractor == "evaluator":
+            return EVALUATOR_EXTRACTOR
+        if self.extractor == INCEPTION_EXTRACTOR:
+            return INCEPTION_EXTRACTOR
+        raise ValueError(f"unknown feature extractor {self.extractor!r}; allowed: evaluator, "
+                         f"{INCEPTION_EXTRACTOR}")
+
+    def kwargs(self, n_gen: int, n_real: int) -> dict[str, Any]:
+        """calculate_metrics keyword arguments (also handed to the extractor's constructor)."""
+        if self.extractor == "evaluator":
+            if self.weights_path is None or not Path(self.weights_path).is_file():
+                raise FileNotFoundError(f"evaluator checkpoint not found: {self.weights_path}")
+            register_evaluator()
+        return dict(
+            feature_extractor=self.extractor_name,
+            feature_extractor_weights_path=self.weights_path,
+            cuda=self.cuda,
+            batch_size=self.batch_size,
+            kid_subset_size=min(self.kid_subset_size, n_gen, n_real),
+            kid_subsets=self.kid_subsets,
+            prc_neighborhood=self.pr_neighborhood,
+            rng_seed=self.seed,
+            cache=False,
+            save_cpu_ram=True,
+            verbose=False,
+        )
+
+    def dataset(self, images: torch.Tensor) -> UInt8Images:
+        return UInt8Images(images, rgb=self.extractor == INCEPTION_EXTRACTOR)
+
+
+def compute_quality(gen: torch.Tensor, real: torch.Tensor, config: FidelityConfig) -> dict[str, float]:
+    """FID, KID, IS, precision and recall of uint8 generated images against real ones."""
+    if len(gen) < 2 or len(real) < 2:
+        raise ValueError(f"need at least 2 images per set (got {len(gen)} generated, {len(real)} real)")
+    out = calculate_metrics(input1=config.dataset(gen), input2=config.dataset(real),
+                            isc=True, fid=True, kid=True, prc=True, **config.kwargs(len(gen), len(real)))
+    return {
+        "fid": out["frechet_inception_distance"],
+        "kid_mean": out["kernel_inception_distance_mean"],
+        "kid_std": out["kernel_inception_distance_std"],
+        "is_mean": out["inception_score_mean"],
+        "is_std": out["inception_score_std"],
+        "precision": out["precision"],
+        "recall": out["recall"],
+    }
+
+
+def extract_features(images: torch.Tensor, config: FidelityConfig) -> torch.Tensor:
+    """The features FID and precision/recall use, computed once per image set so that
+    many subsets (selective generation) can be scored without re-running the network."""
+    kwargs = config.kwargs(len(images), len(images))
+    extractor = create_feature_extractor(kwargs["feature_extractor"], [_fid_layer(config)], **kwargs)
+    features = get_featuresdict_from_dataset(config.dataset(images), extractor, config.batch_size,
+                                             config.cuda, True, False)
+    return features[_fid_layer(config)]
+
+
+def _fid_layer(config: FidelityConfig) -> str:
+    return "features" if config.extractor == "evaluator" else "2048"
+
+
+def subset_quality(gen_features: torch.Tensor, real_features: torch.Tensor,
+                   config: FidelityConfig, real_stats: dict | None = None) -> dict[str, float]:
+    """FID, precision and recall from precomputed features, with torch-fidelity's own
+    formulas (so the full set reproduces compute_quality)."""
+    real_stats = real_stats or fid_features_to_statistics(real_features)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(gen_features), real_stats, False)
+    prc = prc_features_to_metric(gen_features, real_features, prc_neighborhood=config.pr_neighborhood,
+                                 save_cpu_ram=True, verbose=False)
+    return {"fid": fid["frechet_inception_distance"], "precision": prc["precision"],
+            "recall": prc["recall"]}

@@ -1,0 +1,362 @@
+"""The multi-scale residual VQ-VAE tokenizer (VAR's VQVAE, METHOD.md section 1).
+
+An image becomes K token maps of growing side p_1 < ... < p_K: each scale
+quantises what the coarser scales left unexplained, so a transformer can
+predict the image coarse to fine. One codebook is shared by every scale, which
+is what lets the transformer read every scale's tokens with one embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from up.io import load_torch
+
+PHI_RATIO = 0.5  # phi(h) = (1 - r) h + r conv(h): VAR's quant_resi
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1], the range every model of the project uses."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 pixels (clamped, rounded); inverse of to_float."""
+    return images.detach().clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+def index_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest integer dtype that holds every code index (token caches stay small)."""
+    if vocab_size <= 256:
+        return torch.uint8
+    if vocab_size <= 32767:
+        return torch.int16
+    return torch.int32
+
+
+def flatten_indices(indices: list[torch.Tensor]) -> torch.Tensor:
+    """[(B, p_k, p_k)] -> (B, L): scales coarse to fine, each row-major."""
+    return torch.cat([idx.flatten(1) for idx in indices], dim=1)
+
+
+def split_indices(tokens: torch.Tensor,
+                  patch_nums: list[int] | tuple[int, ...]) -> list[torch.Tensor]:
+    """(B, L) -> [(B, p_k, p_k)] as int64; inverse of flatten_indices."""
+    sizes = [p * p for p in patch_nums]
+    if tokens.shape[1] != sum(sizes):
+        raise ValueError(f"token rows have {tokens.shape[1]} entries, patch_nums "
+                         f"{list(patch_nums)} need {sum(sizes)}")
+    parts = torch.split(tokens.long(), sizes, dim=1)
+    return [part.reshape(-1, p, p) for part, p in zip(parts, patch_nums, strict=True)]
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: about four channels per group, at most 32 groups."""
+    return next(g for g in range(min(32, max(1, channels // 4)), 0, -1) if channels % g == 0)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    """One stride-2 level per entry of ``widths``: image side / 2**len(widths) = latent side."""
+
+    def __init__(self, in_channels: int, widths: list[int], res_blocks: int, latent_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]
+        ch = widths[0]
+        for width in widths:
+            for _ in range(res_blocks):
+                layers.append(ResBlock(ch, width))
+                ch = width
+            layers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        layers += [ResBlock(ch, ch), nn.GroupNorm(_groups(ch), ch), nn.SiLU(),
+                   nn.Conv2d(ch, latent_channels, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    """The encoder's mirror: nearest x2 upsampling + conv per level."""
+
+    def __init__(self, latent_channels: int, widths: list[int], res_blocks: int, out_channels: int):
+        super().__init__()
+        ch = widths[-1]
+        layers: list[nn.Module] = [nn.Conv2d(latent_channels, ch, 3, padding=1), ResBlock(ch, ch)]
+        for width in reversed(widths):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+            for _ in range(res_blocks):
+                layers.append(ResBlock(ch, width))
+                ch = width
+        layers += [nn.GroupNorm(_groups(ch), ch), nn.SiLU(),
+                   nn.Conv2d(ch, out_channels, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.layers(f)
+
+
+class Phi(nn.Module):
+    """VAR's residual refinement of an upsampled code map: 0.5 h + 0.5 conv(h).
+
+    Bicubic upsampling of a coarse map is blurry; phi lets each scale sharpen
+    its contribution while staying close to the identity.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * (1.0 - PHI_RATIO) + self.conv(h) * PHI_RATIO
+
+
+def phi_assignment(num_scales: int, phi_share: int) -> list[int]:
+    """Which of ``phi_share`` phi convs serves each scale (VAR's PhiPartiallyShared).
+
+    The convs sit at evenly spread ticks in [0, 1]; scale k (at k / (K - 1))
+    uses the nearest one, so neighbouring scales share a conv when there are
+    fewer convs than scales.
+    """
+    ticks = torch.linspace(1 / (2 * phi_share), 1 - 1 / (2 * phi_share), phi_share,
+                           dtype=torch.float64)
+    where = [k / (num_scales - 1) if num_scales > 1 else 0.0 for k in range(num_scales)]
+    return [int(torch.argmin((ticks - at).abs())) for at in where]
+
+
+@dataclass
+class Quantized:
+    """What the quantiser computes for a latent map f (B, C, h, w)."""
+
+    f_hats: list[torch.Tensor]  # f_hat after scales 1..k, for k = 1..K (grads: codebook, phi)
+    indices: list[torch.Tensor]  # (B, p_k, p_k) int64 per scale
+    residuals: torch.Tensor  # (N, C) every residual vector that was quantised (no grad)
+    vq_loss: torch.Tensor  # codebook + beta * commitment, averaged over scales
+
+
+class MultiScaleQuantizer(nn.Module):
+    def __init__(self, vocab_size: int, channels: int, patch_nums: list[int], phi_share: int,
+                 beta: float):
+        super().__init__()
+        self.patch_nums = tuple(patch_nums)
+        self.beta = beta
+        self.embedding = nn.Embedding(vocab_size, channels)
+        nn.init.uniform_(self.embedding.weight, -1.0 / vocab_size, 1.0 / vocab_size)
+        self.phis = nn.ModuleList(Phi(channels) for _ in range(phi_share))
+        self.phi_of_scale = phi_assignment(len(patch_nums), phi_share)
+
+    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code (squared L2) for each row of ``vectors`` (N, C)."""
+        codes = self.embedding.weight.detach()
+        dist = vectors.square().sum(1, keepdim=True) - 2.0 * vectors @ codes.T
+        return torch.argmin(dist + codes.square().sum(1), dim=1)
+
+    def contribution(self, k: int, idx: torch.Tensor, side: int) -> torch.Tensor:
+        """Scale k's term of f_hat: codes looked up, upsampled to ``side``, phi-refined."""
+        h = self.embedding(idx).permute(0, 3, 1, 2)
+        if h.shape[-1] != side:
+            h = F.interpolate(h, size=(side, side), mode="bicubic")
+        return self.phis[self.phi_of_scale[k]](h.contiguous())
+
+    def forward(self, f: torch.Tensor) -> Quantized:
+        batch, channels, side, _ = f.shape
+        f_rest = f.detach()
+        f_hat = torch.zeros_like(f_rest)
+        f_hats, indices, residuals = [], [], []
+        vq_loss = f.new_zeros(())
+        for k, pn in enumerate(self.patch_nums):
+            rest = f_rest if pn == side else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            rest = rest.permute(0, 2, 3, 1).reshape(-1, channels)
+            idx = self.nearest(rest).view(batch, pn, pn)
+            h = self.contribution(k, idx, side)
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            # codebook term (moves codes and phi) + commitment (moves the encoder)
+            codebook = F.mse_loss(f_hat, f.detach())
+            commitment = F.mse_loss(f_hat.detach(), f)
+            vq_loss = vq_loss + codebook + self.beta * commitment
+            f_hats.append(f_hat)
+            indices.append(idx)
+            residuals.append(rest)
+        return Quantized(f_hats, indices, torch.cat(residuals), vq_loss / len(self.patch_nums))
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor  # decoded image from all K scales (unclamped)
+    partial: torch.Tensor | None  # decoded image from the first partial_k scales (unclamped)
+    quantized: Quantized
+
+
+class MultiScaleVQVAE(nn.Module):
+    """Encoder -> multi-scale residual quantiser -> decoder.
+
+    ``config`` holds the constructor kwargs, stored with the weights so that
+    ``load_tokenizer`` rebuilds the model without params.yaml.
+    """
+
+    def __init__(self, in_channels: int = 1, widths: list[int] | tuple[int, ...] = (16, 32),
+                 res_blocks: int = 1, latent_channels: int = 32, vocab_size: int = 512,
+                 patch_nums: list[int] | tuple[int, ...] = (1, 2, 3, 4, 6, 8), phi_share: int = 6,
+                 beta: float = 0.25):
+        super().__init__()
+        if list(patch_nums) != sorted(set(patch_nums)):
+            raise ValueError(f"patch_nums {list(patch_nums)} must be strictly increasing")
+        if not 1 <= phi_share <= len(patch_nums):
+            raise ValueError(f"phi_share={phi_share} must lie in 1..{len(patch_nums)}")
+        self.config = dict(in_channels=in_channels, widths=list(widths), res_blocks=res_blocks,
+                           latent_channels=latent_channels, vocab_size=vocab_size,
+                           patch_nums=list(patch_nums), phi_share=phi_share, beta=beta)
+        self.patch_nums = tuple(patch_nums)
+        self.vocab_size = vocab_size
+        self.latent_channels = latent_channels
+        self.downsample = 2 ** len(widths)
+        self.encoder = Encoder(in_channels, list(widths), res_blocks, latent_channels)
+        self.decoder = Decoder(latent_channels, list(widths), res_blocks, in_channels)
+        self.quantizer = MultiScaleQuantizer(vocab_size, latent_channels, list(patch_nums),
+                                             phi_share, beta)
+
+    @property
+    def latent_side(self) -> int:
+        return self.patch_nums[-1]
+
+    def latent(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.encoder(images)
+        if f.shape[-2:] != (self.latent_side, self.latent_side):
+            raise ValueError(
+                f"images of side {tuple(images.shape[-2:])} give a {tuple(f.shape[-2:])} latent; "
+                f"the last of patch_nums {list(self.patch_nums)} must equal image side / "
+                f"{self.downsample}")
+        return f
+
+    def forward(self, images: torch.Tensor, partial_k: int | None = None) -> TokenizerOutput:
+        """Reconstruct ``images``; with ``partial_k`` also decode from the first k scales.
+
+        Training uses the straight-through estimator (decoder gradients reach
+        the encoder through f); the partial decode reads f_hat after k scales,
+        whose gradients reach codebook and phi but not the encoder.
+        """
+        f = self.latent(images)
+        q = self.quantizer(f)
+        f_hat = q.f_hats[-1]
+        if self.training:  # straight-through: forward value f_hat, gradient to f
+            f_hat = f + (f_hat - f).detach()
+        if partial_k is None:
+            return TokenizerOutput(self.decoder(f_hat), None, q)
+        if not 1 <= partial_k <= len(self.patch_nums):
+            raise ValueError(f"partial_k={partial_k} outside 1..{len(self.patch_nums)}")
+        both = self.decoder(torch.cat([f_hat, q.f_hats[partial_k - 1]]))
+        recon, partial = both.chunk(2)
+        return TokenizerOutput(recon, partial, q)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> K index maps (B, p_k, p_k), int64."""
+        return self.quantizer(self.latent(images)).indices
+
+    def indices_to_fhat(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """The accumulated f_hat (B, C, h, w) of the given scales (a prefix of patch_nums)."""
+        if len(indices) > len(self.patch_nums):
+            raise ValueError(f"{len(indices)} index maps for {len(self.patch_nums)} scales")
+        first = indices[0]
+        side = self.latent_side
+        f_hat = torch.zeros(first.shape[0], self.latent_channels, side, side, device=first.device)
+        for k, idx in enumerate(indices):
+            if idx.shape[1:] != (self.patch_nums[k], self.patch_nums[k]):
+                raise ValueError(f"scale {k} index map has shape {tuple(idx.shape)}, expected "
+                                 f"(B, {self.patch_nums[k]}, {self.patch_nums[k]})")
+            f_hat = f_hat + self.quantizer.contribution(k, idx.long(), side)
+        return f_hat
+
+    def fhat_to_image(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Decode an accumulated f_hat into images in [-1, 1]."""
+        return self.decoder(f_hat).clamp(-1.0, 1.0)
+
+    def decode(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """All K index maps -> images (B, C, H, W) in [-1, 1]."""
+        if len(indices) != len(self.patch_nums):
+            raise ValueError(f"decode needs {len(self.patch_nums)} index maps, got {len(indices)}")
+        return self.fhat_to_image(self.indices_to_fhat(indices))
+
+    def partial_decode(self, indices: list[torch.Tensor], k: int) -> torch.Tensor:
+        """Images from the first k scales only: what the coarse tokens alone carry."""
+        if not 1 <= k <= len(self.patch_nums):
+            raise ValueError(f"k={k} outside 1..{len(self.patch_nums)}")
+        return self.fhat_to_image(self.indices_to_fhat(indices[:k]))
+
+    def indices_to_var_input(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """Teacher-forcing input (B, L - p_1^2, C) of the transformer (VAR's idxBl_to_var_input).
+
+        For k = 1..K-1: f_hat after scales 1..k, area-downsampled to p_{k+1},
+        flattened row-major; exactly what sampling builds with next_var_input.
+        """
+        side = self.latent_side
+        first = indices[0]
+        f_hat = torch.zeros(first.shape[0], self.latent_channels, side, side, device=first.device)
+        inputs = []
+        for k in range(len(self.patch_nums) - 1):
+            f_hat, nxt = self.next_var_input(k, f_hat, indices[k])
+            inputs.append(nxt)
+        if not inputs:
+            return f_hat.new_zeros(first.shape[0], 0, self.latent_channels)
+        return torch.cat(inputs, dim=1)
+
+    def next_var_input(self, k: int, f_hat: torch.Tensor,
+                       idx_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Add scale k's (0-based) tokens to f_hat; return it and the next scale's input.
+
+        The input is (B, p_{k+1}^2, C), or None after the last scale
+        (VAR's get_next_autoregressive_input).
+        """
+        f_hat = f_hat + self.quantizer.contribution(k, idx_k.long(), self.latent_side)
+        if k == len(self.patch_nums) - 1:
+            return f_hat, None
+        pn = self.patch_nums[k + 1]
+        nxt = f_hat if pn == self.latent_side else F.interpolate(f_hat, size=(pn, pn), mode="area")
+        return f_hat, nxt.flatten(2).transpose(1, 2)
+
+
+def tokenize_images(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: int = 256,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> token rows (N, L) in the smallest dtype that fits V."""
+    dtype = index_dtype(model.vocab_size)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = to_float(images[start:start + batch_size]).to(device)
+            rows.append(flatten_indices(model.encode(x)).cpu().to(dtype))
+    return torch.cat(rows)
+
+
+def load_tokenizer(path: str | Path = "models/tokenizer.pt",
+                   device: torch.device | str = "cpu") -> MultiScaleVQVAE:
+    """The trained tokenizer, in eval mode with frozen weights (it is never trained further)."""
+    saved = load_torch(path, "tokenizer")
+    model = MultiScaleVQVAE(**saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_code_clusters(path: str | Path = "models/tokenizer.pt") -> tuple[torch.Tensor, int]:
+    """(code_to_cluster int64 (V,), num_clusters): the codebook's semantic groups."""
+    saved = load_torch(path, "tokenizer")
+    return saved["code_to_cluster"].long(), int(saved["num_clusters"])
