@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from up.tokenizer import to_uint8
 from up.uncertainty import MEASURES, aggregate, token_uncertainty
 
 
@@ -49,7 +50,7 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
            cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, generator: torch.Generator,
@@ -64,11 +65,10 @@ def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
 
     Returns (images uint8 (B, C, H, W), indices [(B, p_k, p_k)] * K,
     uncertainty dict(maps, image, per_scale) in the samples.pt format).
-    ``use_cache=False`` re-runs the full forward on the growing prefix: it
-    exists for the equivalence test and the benchmark.
+    ``generator`` lives on the model's device. ``use_cache=False`` re-runs the
+    full forward on the growing prefix: it exists for the equivalence test and
+    the benchmark.
     """
-    from up.tokenizer import to_uint8
-
     device = var.scale_ids.device
     labels = labels.to(device)
     B, patch_nums = labels.shape[0], var.patch_nums
@@ -79,8 +79,8 @@ def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
         else cond_labels
     code_to_cluster = code_to_cluster.to(device)
 
-    f_hat = torch.zeros(B, tokenizer.latent_channels, patch_nums[-1], patch_nums[-1],
-                        device=device)
+    side = tokenizer.latent_side
+    f_hat = torch.zeros(B, tokenizer.latent_channels, side, side, device=device)
     x_k, prefix = None, []
     indices, maps = [], {m: [] for m in MEASURES}
     var.enable_kv_cache(use_cache)

@@ -96,17 +96,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The encoder's mirror: nearest x2 upsampling + conv per level."""
+    """The encoder's mirror. Each level changes width with a conv at the lower
+    resolution, then upsamples (nearest x2): the convs at full resolution run on
+    the narrowest width, which keeps the decoder cheap on a CPU."""
 
     def __init__(self, latent_channels: int, widths: list[int], res_blocks: int, out_channels: int):
         super().__init__()
         ch = widths[-1]
         layers: list[nn.Module] = [nn.Conv2d(latent_channels, ch, 3, padding=1), ResBlock(ch, ch)]
         for width in reversed(widths):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
-            for _ in range(res_blocks):
-                layers.append(ResBlock(ch, width))
-                ch = width
+            layers += [nn.Conv2d(ch, width, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest")]
+            ch = width
+            layers += [ResBlock(ch, ch) for _ in range(res_blocks)]
         layers += [nn.GroupNorm(_groups(ch), ch), nn.SiLU(),
                    nn.Conv2d(ch, out_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)

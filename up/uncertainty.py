@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from up.losses import dirichlet_variance, semantic_entropy
+
 MEASURES = ("entropy", "dispersion", "semantic_entropy")
 
 
@@ -21,8 +23,6 @@ def token_uncertainty(logits: torch.Tensor, code_to_cluster: torch.Tensor, num_c
     ``logits`` must be those of the distribution actually sampled from (after
     guidance and temperature, before top-k/top-p truncation).
     """
-    from up.losses import dirichlet_variance, semantic_entropy
-
     logp = torch.log_softmax(logits.float(), dim=-1)
     probs = logp.exp()
     return dict(

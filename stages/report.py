@@ -1,0 +1,56 @@
+"""report: one table over all declared variants x seeds, and the figures, under results/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from up.config import Params
+from up.errors import StageError
+from up.io import save_figure, save_json, save_text
+from up.report import (
+    MAIN_COLUMNS,
+    SELECTIVE_COLUMNS,
+    aggregate,
+    grids_figure,
+    markdown,
+    reliability_figure,
+    selective_figure,
+)
+
+OUT = Path("results")
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def run(params: Params) -> None:
+    names = {v: [f"{v}-s{s}" for s in params.seeds] for v in params.variants}
+    first = {v: ns[0] for v, ns in names.items()}  # figures: the first seed of each variant
+    needed = [Path(f"metrics/eval-{n}.json") for ns in names.values() for n in ns]
+    needed += [p for n in first.values() for p in (Path("samples") / n / "grid.png",
+                                                   Path("plots/eval") / n / "reliability.json",
+                                                   Path("plots/eval") / n / "selective.json")]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise StageError(f"missing inputs: {', '.join(missing)} "
+                         "(run `dvc repro`, or `up sample` / `up evaluate` for them)")
+
+    runs = {v: {s: _read_json(Path(f"metrics/eval-{v}-s{s}.json")) for s in params.seeds}
+            for v in params.variants}
+    keys = [k for k, _ in MAIN_COLUMNS + SELECTIVE_COLUMNS] + ["kid_std", "is_std"]
+    summary = aggregate(runs, keys)
+    fractions = {r.get("selective_fraction") for by_seed in runs.values() for r in by_seed.values()}
+    fraction = fractions.pop() if len(fractions) == 1 else None
+    save_text(markdown(summary, fraction), OUT / "summary.md")
+    save_json(summary, OUT / "summary.json")
+
+    save_figure(grids_figure({n: Path("samples") / n / "grid.png" for n in first.values()}),
+                OUT / "samples.png")
+    plots = {n: Path("plots/eval") / n for n in first.values()}
+    save_figure(reliability_figure({n: _read_json(p / "reliability.json") for n, p in plots.items()}),
+                OUT / "reliability.png")
+    save_figure(selective_figure({n: _read_json(p / "selective.json") for n, p in plots.items()}),
+                OUT / "selective.png")
+    print((OUT / "summary.md").read_text())

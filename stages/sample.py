@@ -1,0 +1,126 @@
+"""sample@variant: class-conditional images with per-token uncertainty.
+
+Outputs under samples/{variant}-s{seed}/: samples.pt (images, labels,
+uncertainty maps and aggregates; written last, so its presence means the
+stage finished), grid.png (rows = classes), uncertainty_map.png, params.json
+and, on request, one PNG per image.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from up.config import Params
+from up.io import save_figure, save_image_grid, save_json, save_torch
+from up.runtime import progress, resolve_device
+from up.sampling import sample
+from up.tokenizer import load_code_clusters, load_tokenizer
+from up.transformer import load_var
+from up.uncertainty import MEASURES, aggregate
+
+TOKENIZER = Path("models/tokenizer.pt")
+
+
+def sample_many(var, tokenizer, labels: torch.Tensor, batch_size: int, generator, description: str,
+                **kwargs) -> dict:
+    """Sample ``labels`` in batches (one generator throughout) and concatenate."""
+    images, maps = [], {m: [] for m in MEASURES}
+    with progress() as bar:
+        task = bar.add_task(description, total=len(labels), info="")
+        for start in range(0, len(labels), batch_size):
+            batch = labels[start:start + batch_size]
+            imgs, _, unc = sample(var, tokenizer, batch, generator=generator, **kwargs)
+            images.append(imgs)
+            for name in MEASURES:
+                maps[name].append(unc["maps"][name])
+            mean_h = unc["image"]["entropy"].mean().item()
+            bar.update(task, advance=len(batch), info=f"mean entropy {mean_h:.3f}")
+    maps = {name: [torch.cat(s) for s in zip(*maps[name], strict=True)] for name in MEASURES}
+    image, per_scale = aggregate(maps)
+    return dict(images=torch.cat(images), labels=labels.cpu(),
+                uncertainty=dict(maps=maps, image=image, per_scale=per_scale))
+
+
+def grid_rows(labels: torch.Tensor, num_rows: int, per_row: int) -> torch.Tensor:
+    """Indices of the images in the grid: the first ``per_row`` of each class
+    (unconditional: the first images, ``per_row`` per row)."""
+    if (labels < 0).all():
+        return torch.arange(min(len(labels), num_rows * per_row))
+    classes = labels.unique()[:num_rows].tolist()
+    rows = [torch.nonzero(labels == c).flatten()[:per_row] for c in classes]
+    return torch.cat(rows)
+
+
+def uncertainty_figure(images: torch.Tensor, entropy: torch.Tensor, titles: list[str]):
+    """Images (top) over their finest-scale entropy maps, upsampled and overlaid (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    n = len(images)
+    side = images.shape[-1]
+    heat = F.interpolate(entropy[:, None].float(), size=(side, side), mode="nearest")[:, 0]
+    gray = images.float().mean(1) / 255.0
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n + 0.8, 3.2), squeeze=False)
+    vmax = float(entropy.max()) or 1.0
+    for i in range(n):
+        pic = images[i].permute(1, 2, 0).squeeze(-1).numpy()
+        axes[0, i].imshow(pic, cmap="gray" if pic.ndim == 2 else None, vmin=0, vmax=255)
+        axes[0, i].set_title(titles[i], fontsize=7)
+        axes[1, i].imshow(gray[i].numpy(), cmap="gray", vmin=0, vmax=1)
+        shown = axes[1, i].imshow(heat[i].numpy(), cmap="magma", alpha=0.65, vmin=0, vmax=vmax)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[1, 0].set_ylabel("entropy\n(finest scale)", fontsize=7)
+    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="nats")
+    return fig
+
+
+def run(params: Params, variant: str, seed: int) -> None:
+    sp = params.sample
+    params.variant(variant)  # fails early, naming the declared variants
+    device = resolve_device(params.device)
+    out = Path("samples") / f"{variant}-s{seed}"
+    checkpoint = Path("models") / f"var-{variant}-s{seed}.pt"
+
+    tokenizer = load_tokenizer(TOKENIZER, device)
+    code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
+    var = load_var(checkpoint, ema=True).to(device)
+    num_classes = var.num_classes
+    classes = torch.arange(num_classes).repeat_interleave(sp.n_per_class)
+    labels = torch.full_like(classes, -1) if sp.unconditional else classes
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bf16 = device.type == "cuda" and params.train.bf16
+    kwargs = dict(cfg=sp.cfg, cfg_schedule=sp.cfg_schedule, top_k=sp.top_k, top_p=sp.top_p,
+                  temperature=sp.temperature, code_to_cluster=code_to_cluster,
+                  num_clusters=num_clusters)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
+        result = sample_many(var, tokenizer, labels, sp.batch_size, generator,
+                             f"sample {variant}-s{seed}", **kwargs)
+    images, labels = result["images"], result["labels"]
+
+    config = dict(variant=variant, seed=seed, checkpoint=str(checkpoint), tokenizer=str(TOKENIZER),
+                  num_images=len(labels), num_classes=num_classes, kappa=1.0, device=str(device),
+                  bf16=bf16, **sp.model_dump())
+    if sp.save_pngs:
+        for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            save_image_grid(img[None], out / "png" / f"{i:05d}_c{label}.png", nrow=1, padding=0)
+    per_row = min(sp.grid_per_class, sp.n_per_class)
+    chosen = grid_rows(labels, num_classes, per_row)
+    save_image_grid(images[chosen], out / "grid.png", nrow=per_row)
+    shown = grid_rows(labels, min(num_classes, 10), 1)
+    finest = result["uncertainty"]["maps"]["entropy"][-1][shown]
+    image_h = result["uncertainty"]["image"]["entropy"][shown]
+    titles = [("uncond" if labels[i] < 0 else f"class {labels[i]}") + f"\nH={h:.2f}"
+              for i, h in zip(shown.tolist(), image_h.tolist(), strict=True)]
+    save_figure(uncertainty_figure(images[shown], finest, titles), out / "uncertainty_map.png")
+    save_json(config, out / "params.json")
+    save_torch(dict(images=images, labels=labels, uncertainty=result["uncertainty"], seed=seed,
+                    config=config), out / "samples.pt")

@@ -1,0 +1,243 @@
+"""The evaluator, torch-fidelity metrics (evaluator and offline Inception paths),
+diversity and the selective-generation bookkeeping."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from up.data import load_digits
+from up.evaluator import accuracy, evaluator_outputs, load_evaluator, save_evaluator, train_evaluator
+from up.fidelity import (
+    EVALUATOR_EXTRACTOR,
+    INCEPTION_EXTRACTOR,
+    EvaluatorFeatureExtractor,
+    FidelityConfig,
+    SubsetQuality,
+    compute_quality,
+    extract_features,
+    frechet_distance,
+    register_evaluator,
+)
+from up.selective import class_accuracy, class_diversity, kept_count, most_certain, selective_curves
+
+TRAIN_ARGS = dict(widths=[8, 16], feature_dim=16, feature_scale=0.4, batch_size=64, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn's 8x8 digits, shuffled (the file is ordered by writer), cut into an
+    evaluator training set and two disjoint held-out sets of the same distribution."""
+    raw = load_digits()
+    images, labels = torch.stack(raw.images), raw.labels
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    parts = perm[:897], perm[897:1347], perm[1347:]
+    return [(images[p], labels[p]) for p in parts]
+
+
+@pytest.fixture(scope="module")
+def evaluator_path(digits, tmp_path_factory):
+    (images, labels), _, _ = digits
+    torch.set_num_threads(1)
+    model = train_evaluator(images, labels, 10, steps=300, seed=0, show_progress=False,
+                            **TRAIN_ARGS)
+    path = tmp_path_factory.mktemp("evaluator") / "evaluator.pt"
+    save_evaluator(model, path)
+    return path
+
+
+@pytest.fixture
+def config(evaluator_path):
+    return FidelityConfig(extractor="evaluator", weights_path=str(evaluator_path), seed=0)
+
+
+def test_evaluator_classifies_and_has_inception_like_feature_scale(digits, evaluator_path):
+    (train_x, _), (held_x, held_y), _ = digits
+    model = load_evaluator(evaluator_path)
+    assert accuracy(model, held_x, held_y) > 0.8
+    features, logits = evaluator_outputs(model, train_x)
+    assert features.shape == (len(train_x), 16) and logits.shape == (len(train_x), 10)
+    assert features.pow(2).mean().sqrt().item() == pytest.approx(0.4, rel=1e-4)
+
+
+def test_evaluator_training_is_a_function_of_the_seed(digits):
+    (images, labels), _, _ = digits
+    runs = [train_evaluator(images, labels, 10, steps=5, seed=s, show_progress=False, **TRAIN_ARGS)
+            for s in (3, 3, 4)]
+    same = [torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(),
+                                              runs[1].state_dict().values(), strict=True)]
+    assert all(same)
+    assert runs[0].feature_multiplier == runs[1].feature_multiplier
+    assert not torch.equal(runs[0].head.weight, runs[2].head.weight)
+
+
+def test_registration_is_idempotent_and_a_second_raw_registration_raises():
+    register_evaluator()
+    register_evaluator()
+    assert FEATURE_EXTRACTORS_REGISTRY[EVALUATOR_EXTRACTOR] is EvaluatorFeatureExtractor
+    with pytest.raises(Exception, match="already registered"):
+        register_feature_extractor(EVALUATOR_EXTRACTOR, EvaluatorFeatureExtractor)
+
+
+def test_fid_of_a_set_against_itself_is_zero(digits, config):
+    _, (real, _), _ = digits
+    q = compute_quality(real, real, config)
+    assert abs(q["fid"]) < 1e-6
+    assert q["precision"] == 1.0 and q["recall"] == 1.0
+    assert abs(q["kid_mean"]) < 2e-3
+    assert 1.0 < q["is_mean"] <= 10.0  # IS is at most the number of classes
+
+
+def test_half_of_the_classes_has_lower_recall_and_higher_fid(digits, config):
+    _, (real, _), (other, other_labels) = digits
+    half = other[other_labels < 5][:200]
+    fresh = other[torch.randperm(len(other), generator=torch.Generator().manual_seed(0))[:200]]
+    q_fresh, q_half = compute_quality(fresh, real, config), compute_quality(half, real, config)
+    assert q_half["recall"] < q_fresh["recall"] - 0.15
+    assert q_half["fid"] > 3 * q_fresh["fid"]
+    assert q_half["kid_mean"] > q_fresh["kid_mean"]
+    assert q_half["is_mean"] < q_fresh["is_mean"]  # five classes instead of ten
+
+
+def test_small_sets_clamp_kid_subsets_and_is_splits(digits, config):
+    _, (real, _), (other, _) = digits
+    q = compute_quality(other[:6], real[:40], config)  # kid_subset_size 200 > 6, IS splits 10 > 6
+    assert all(math.isfinite(v) for v in q.values())
+
+
+def test_subset_metrics_reproduce_calculate_metrics_on_the_full_set(digits, config):
+    _, (real, _), (other, _) = digits
+    q = compute_quality(other, real, config)
+    scorer = SubsetQuality(extract_features(real, config), config)
+    sub = scorer(extract_features(other, config))
+    assert sub["fid"] == pytest.approx(q["fid"], rel=1e-6)
+    assert sub["precision"] == q["precision"] and sub["recall"] == q["recall"]
+
+
+@pytest.mark.parametrize("n_x, n_y, dim", [(40, 30, 5), (6, 9, 20)])  # both branches
+def test_frechet_distance_equals_torch_fidelity_formula(n_x, n_y, dim):
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(n_x, dim, generator=gen, dtype=torch.float64)
+    y = 0.5 * torch.randn(n_y, dim, generator=gen, dtype=torch.float64) + 0.3
+    expected = fid_statistics_to_metric(fid_features_to_statistics(x),
+                                        fid_features_to_statistics(y), False)
+    assert frechet_distance(x, y) == pytest.approx(expected["frechet_inception_distance"],
+                                                   rel=1e-8)
+    assert abs(frechet_distance(x, x)) < 1e-9
+
+
+class _RandomInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception with its layers but no weights loaded: the state dict
+    of the right shape that a test can build offline."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return super().load_state_dict(state_dict, strict=False)
+
+
+def random_inception_weights(path, images: torch.Tensor) -> None:
+    """Kaiming-initialised convs, BatchNorm statistics from one train-mode pass on
+    ``images``, saved like torch-fidelity's converted weights."""
+    empty = path.with_name("empty.pt")
+    torch.save({}, empty)
+    net = _RandomInception(INCEPTION_EXTRACTOR, ["2048", "logits_unbiased"],
+                           feature_extractor_weights_path=str(empty))
+    gen = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=gen)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # running stats = this pass's batch statistics
+    net.train()
+    with torch.no_grad():
+        net(images.expand(-1, 3, -1, -1).contiguous())
+    torch.save(net.state_dict(), path)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(digits, tmp_path_factory):
+    (train_x, _), _, _ = digits
+    path = tmp_path_factory.mktemp("inception") / "inception.pt"
+    torch.set_num_threads(1)
+    random_inception_weights(path, train_x[:4])
+    return path
+
+
+def test_inception_features_load_a_local_weights_file_and_fid_sees_collapse(digits,
+                                                                            inception_weights):
+    _, (real, _), (other, _) = digits
+    config = FidelityConfig(extractor=INCEPTION_EXTRACTOR, weights_path=str(inception_weights))
+    real_f, fresh_f = extract_features(real[:8], config), extract_features(other[:8], config)
+    collapsed_f = extract_features(other[8:9].expand(8, -1, -1, -1), config)
+    assert real_f.shape == (8, 2048)  # grayscale digits went in as RGB
+    scorer = SubsetQuality(real_f, config)
+    fresh, collapsed = scorer(fresh_f), scorer(collapsed_f)
+    assert math.isfinite(fresh["fid"]) and fresh["fid"] > 0
+    assert collapsed["fid"] > 1.3 * fresh["fid"]
+    assert collapsed["recall"] < fresh["recall"]
+
+
+@pytest.mark.slow  # torch-fidelity's FID of 2048-d features: tens of seconds on 1 thread
+def test_inception_path_through_calculate_metrics(digits, inception_weights):
+    _, (real, _), (other, _) = digits
+    config = FidelityConfig(extractor=INCEPTION_EXTRACTOR, weights_path=str(inception_weights))
+    q = compute_quality(other[:8], real[:8], config)
+    assert all(math.isfinite(v) for v in q.values())
+    features = [extract_features(x, config) for x in (other[:8], real[:8])]
+    assert q["fid"] == pytest.approx(frechet_distance(*features), rel=1e-6)
+
+
+def test_most_certain_keeps_the_lowest_scores():
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])
+    assert most_certain(scores, 1.0).tolist() == [1, 3, 6, 4, 8, 0, 9, 5, 7, 2]  # ties: index
+    assert most_certain(scores, 0.5).tolist() == [1, 3, 6, 4, 8]
+    assert most_certain(scores, 0.25).tolist() == [1, 3]  # round(2.5) = 2
+    assert [kept_count(10, f) for f in (1.0, 0.9, 0.75, 0.5, 0.01)] == [10, 9, 8, 5, 1]
+    with pytest.raises(ValueError):
+        kept_count(10, 0.0)
+
+
+def test_selective_curves_bookkeeping_on_a_known_example():
+    # image i has quality i (lower is better); the 'good' score ranks by quality, the
+    # 'inverted' score ranks the other way round, so dropping by it hurts
+    n = 20
+    quality = torch.arange(n, dtype=torch.float64)
+    scores = {"good": quality.clone(), "inverted": -quality}
+    metric = lambda kept: {"mean_quality": quality[kept].mean().item(), "n": len(kept)}  # noqa: E731
+    rows = selective_curves(scores, [1.0, 0.5, 0.25], metric, random_repeats=4, seed=7)
+    table = {(r["score"], r["fraction"]): r for r in rows}
+    assert len(rows) == 9
+    assert table["good", 0.5]["mean_quality"] == 4.5  # images 0..9
+    assert table["good", 0.25]["mean_quality"] == 2.0  # images 0..4
+    assert table["inverted", 0.5]["mean_quality"] == 14.5  # images 10..19
+    for fraction, kept in ((1.0, 20), (0.5, 10), (0.25, 5)):
+        assert {table[s, fraction]["kept"] for s in ("good", "inverted", "random")} == {kept}
+        assert table["random", fraction]["n"] == kept
+        assert table["good", fraction]["mean_quality"] <= table["random", fraction]["mean_quality"]
+    assert table["random", 1.0]["mean_quality"] == 9.5 and table["random", 0.5]["repeats"] == 4
+    # the control is the mean over seeded draws of the same size, in a fixed order
+    gen = torch.Generator().manual_seed(7)
+    expected = {}
+    for fraction, kept in ((1.0, 20), (0.5, 10), (0.25, 5)):
+        draws = [quality[torch.randperm(n, generator=gen)[:kept]].mean().item() for _ in range(4)]
+        expected[fraction] = sum(draws) / 4
+    for fraction, value in expected.items():
+        assert table["random", fraction]["mean_quality"] == pytest.approx(value)
+    again = selective_curves(scores, [1.0, 0.5, 0.25], metric, random_repeats=4, seed=7)
+    assert again == rows
+
+
+def test_class_diversity_and_accuracy_by_hand():
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0],  # class 0: one distance, 5
+                             [0.0, 0.0], [1.0, 0.0], [0.0, 1.0],  # class 1: 1, 1, sqrt(2)
+                             [9.0, 9.0]])  # class 2: a single image, ignored
+    classes = torch.tensor([0, 0, 1, 1, 1, 2])
+    expected = (5.0 + (2 + math.sqrt(2)) / 3) / 2
+    assert class_diversity(features, classes) == pytest.approx(expected)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    assert class_accuracy(logits, torch.tensor([0, 0, -1, 1])) == pytest.approx(2 / 3)
+    assert class_accuracy(logits, torch.full((4,), -1)) is None

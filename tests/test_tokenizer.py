@@ -1,0 +1,306 @@
+"""Multi-scale VQ-VAE: quantiser invariants, round trips, reproducibility, resume, stages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from up.config import DataParams, Params, TokenizerParams
+from up.errors import StageError
+from up.io import load_torch, save_torch
+from up.runtime import setup
+from up.tokenizer import (
+    MultiScaleVQVAE,
+    flatten_indices,
+    index_dtype,
+    load_code_clusters,
+    load_tokenizer,
+    phi_assignment,
+    split_indices,
+    to_float,
+    to_uint8,
+    tokenize_images,
+)
+from up.tokenizer_training import (
+    build_tokenizer,
+    cluster_codebook,
+    evaluate_tokenizer,
+    psnr,
+    reseed_dead_codes,
+    train_tokenizer,
+)
+
+TINY = TokenizerParams(downsample=2, widths=[8], latent_channels=4, vocab_size=16,
+                       patch_nums=[1, 2, 4], phi_share=2, semantic_clusters=4, steps=6,
+                       batch_size=8, lr=3e-3, warmup_steps=2, save_every=2, reseed_every=2,
+                       reseed_until=1.0, reseed_threshold=1.5, grid_images=3)
+
+
+def tiny_model() -> MultiScaleVQVAE:
+    return build_tokenizer(TINY, in_channels=1)
+
+
+def tiny_images(n: int = 24, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8)
+
+
+def make_phi_identity(model: MultiScaleVQVAE) -> None:
+    """Centre-tap identity kernels: phi(h) = 0.5 h + 0.5 h = h."""
+    with torch.no_grad():
+        for phi in model.quantizer.phis:
+            phi.conv.weight.zero_()
+            phi.conv.bias.zero_()
+            for c in range(phi.conv.weight.shape[0]):
+                phi.conv.weight[c, c, 1, 1] = 1.0
+
+
+def test_uint8_float_round_trip():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x = to_float(pixels)
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert torch.equal(to_uint8(x), pixels)
+    assert torch.equal(to_uint8(torch.tensor([-3.0, 0.0, 3.0])), torch.tensor([0, 128, 255],
+                                                                               dtype=torch.uint8))
+
+
+def test_index_dtype_and_flatten_split():
+    assert index_dtype(256) == torch.uint8
+    assert index_dtype(257) == torch.int16
+    assert index_dtype(32767) == torch.int16
+    assert index_dtype(32768) == torch.int32
+    maps = [torch.full((2, p, p), p) for p in (1, 2, 3)]
+    maps[2][1, 0, 2] = 7
+    flat = flatten_indices(maps)
+    assert flat.shape == (2, 1 + 4 + 9)
+    assert flat[1, 5 + 2].item() == 7  # scale 3 starts at 1 + 4; (0, 2) is its 3rd entry
+    back = split_indices(flat.to(torch.uint8), [1, 2, 3])
+    assert all(torch.equal(a, b) and b.dtype == torch.int64 for a, b in zip(maps, back,
+                                                                            strict=True))
+    with pytest.raises(ValueError):
+        split_indices(flat, [1, 2])
+
+
+def test_phi_assignment_spreads_convs_over_scales():
+    assert phi_assignment(6, 6) == [0, 1, 2, 3, 4, 5]
+    assert phi_assignment(6, 1) == [0] * 6
+    # ticks 1/8, 3/8, 5/8, 7/8 against scale positions k/9
+    assert phi_assignment(10, 4) == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert phi_assignment(1, 1) == [0]
+
+
+def test_index_maps_have_scale_shapes_and_valid_values():
+    model = tiny_model().eval()
+    indices = model.encode(to_float(tiny_images(5)))
+    assert [tuple(i.shape) for i in indices] == [(5, 1, 1), (5, 2, 2), (5, 4, 4)]
+    assert all(i.dtype == torch.int64 and i.min() >= 0 and i.max() < 16 for i in indices)
+
+
+def test_codebook_latent_leaves_zero_residual_after_first_scale():
+    model = tiny_model().eval()
+    make_phi_identity(model)
+    code = model.quantizer.embedding.weight[5].detach()
+    f = code.view(1, -1, 1, 1).expand(2, -1, 4, 4).contiguous()
+    q = model.quantizer(f)
+    assert (q.indices[0] == 5).all()
+    torch.testing.assert_close(q.f_hats[0], f, atol=1e-6, rtol=0)  # residual f - f_hat ~ 0
+
+
+def test_single_full_resolution_scale_is_exact_lookup():
+    model = MultiScaleVQVAE(in_channels=1, widths=[8], latent_channels=4, vocab_size=16,
+                            patch_nums=[4], phi_share=1).eval()
+    make_phi_identity(model)
+    chosen = torch.randperm(16)[:16].view(1, 4, 4)
+    f = model.quantizer.embedding(chosen).permute(0, 3, 1, 2).contiguous().detach()
+    q = model.quantizer(f)
+    assert torch.equal(q.indices[0], chosen)
+    torch.testing.assert_close(q.f_hats[0], f, atol=1e-6, rtol=0)
+
+
+def test_decode_of_encode_is_the_model_reconstruction():
+    model = tiny_model().eval()
+    x = to_float(tiny_images(6))
+    with torch.no_grad():
+        recon = model(x).recon.clamp(-1, 1)
+        decoded = model.decode(model.encode(x))
+        assert torch.equal(decoded, recon)
+        assert torch.equal(model.partial_decode(model.encode(x), 3), recon)
+        coarse = model.partial_decode(model.encode(x), 1)
+    assert not torch.equal(coarse, recon)
+
+
+def test_training_forward_is_straight_through():
+    model = tiny_model().train()
+    x = to_float(tiny_images(4))
+    out = model(x, partial_k=1)
+    out.recon.square().mean().backward()
+    assert model.encoder.layers[0].weight.grad.abs().sum() > 0  # decoder grads reach the encoder
+    assert model.quantizer.embedding.weight.grad is None  # ... but not the codebook
+    model.zero_grad(set_to_none=True)
+    out = model(x, partial_k=1)
+    out.partial.square().mean().backward()
+    assert model.encoder.layers[0].weight.grad is None  # partial decode never reaches the encoder
+    assert model.quantizer.embedding.weight.grad.abs().sum() > 0
+    assert model.quantizer.phis[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_var_input_matches_step_by_step_autoregressive_input():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        indices = model.encode(to_float(tiny_images(3)))
+        teacher = model.indices_to_var_input(indices)
+        assert teacher.shape == (3, 4 + 16, 4)
+        f_hat = torch.zeros(3, 4, 4, 4)
+        steps = []
+        for k, idx in enumerate(indices):
+            f_hat, nxt = model.next_var_input(k, f_hat, idx)
+            if nxt is not None:
+                steps.append(nxt)
+        assert nxt is None
+        torch.testing.assert_close(torch.cat(steps, 1), teacher, atol=0, rtol=0)
+        torch.testing.assert_close(model.fhat_to_image(f_hat), model.decode(indices))
+        # the last input is f_hat after two scales at full latent size, row-major
+        expected = model.indices_to_fhat(indices[:2]).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(teacher[:, 4:], expected)
+
+
+def test_load_helpers_round_trip(tmp_path):
+    model = tiny_model().eval()
+    clusters = torch.arange(16) % 4
+    path = tmp_path / "tokenizer.pt"
+    save_torch({"config": model.config, "state_dict": model.state_dict(),
+                "code_to_cluster": clusters, "num_clusters": 4}, path)
+    loaded = load_tokenizer(path)
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.patch_nums == (1, 2, 4) and loaded.vocab_size == 16
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    code_to_cluster, num = load_code_clusters(path)
+    assert torch.equal(code_to_cluster, clusters) and num == 4
+
+
+def _train(tmp_path, name: str, seed: int = 0, stop_at: int | None = None,
+           tp: TokenizerParams = TINY) -> tuple[MultiScaleVQVAE, object]:
+    setup(seed, 1)
+    model = tiny_model()
+    state = train_tokenizer(model, tiny_images(), tp, seed=0, checkpoint=tmp_path / name,
+                            fingerprint={"tp": tp.model_dump()}, stop_at=stop_at)
+    return model, state
+
+
+def _same_weights(a: MultiScaleVQVAE, b: MultiScaleVQVAE) -> bool:
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
+
+
+def test_same_seed_gives_identical_weights_and_reseeding_runs(tmp_path):
+    a, state_a = _train(tmp_path, "a.pt")
+    b, _ = _train(tmp_path, "b.pt")
+    assert _same_weights(a, b)
+    assert state_a.step == 6 and len(state_a.curves) == 6
+    assert state_a.reseeded > 0  # threshold 1.5 x uniform: some codes are always "dead"
+    c, _ = _train(tmp_path, "c.pt", seed=1)
+    assert not _same_weights(a, c)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    full, full_state = _train(tmp_path, "full.pt")
+    _, first = _train(tmp_path, "split.pt", stop_at=3)
+    assert first.step == 3 and load_torch(tmp_path / "split.pt")["step"] == 3
+    resumed, resumed_state = _train(tmp_path, "split.pt", seed=7)  # other init: weights must come
+    assert _same_weights(full, resumed)                            # from the checkpoint
+    assert resumed_state.curves == full_state.curves
+
+
+def test_changed_params_do_not_resume(tmp_path):
+    _train(tmp_path, "ck.pt", stop_at=3)
+    other = TINY.model_copy(update={"lr": 1e-3})
+    _, state = _train(tmp_path, "ck.pt", tp=other)
+    assert state.curves[0]["step"] == 0 and len(state.curves) == 6
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    bad = TINY.model_copy(update={"lr": 1e30, "warmup_steps": 0, "save_every": 1,
+                                  "reseed_every": 0})
+    with pytest.raises(StageError, match="last good checkpoint"):
+        _train(tmp_path, "nan.pt", tp=bad)
+    saved = load_torch(tmp_path / "nan.pt")
+    assert saved["step"] >= 1
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in saved["curves"])
+
+
+def test_reseed_moves_only_dead_codes_onto_residuals():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    before = model.quantizer.embedding.weight.detach().clone()
+    usage = torch.ones(16)
+    usage[[3, 9]] = 0.01
+    residuals = torch.randn(50, 4) + 10.0  # far from every initial code
+    assert reseed_dead_codes(model, usage, residuals, 0.03, optimizer) == 2
+    after = model.quantizer.embedding.weight.detach()
+    moved = [i for i in range(16) if not torch.equal(after[i], before[i])]
+    assert moved == [3, 9]
+    assert all((residuals == after[i]).all(1).any() for i in moved)
+    assert torch.equal(usage, torch.ones(16))
+
+
+def test_psnr_and_metrics():
+    assert psnr(0.01) == pytest.approx(20.0)
+    model = tiny_model().eval()
+    metrics = evaluate_tokenizer(model, tiny_images(10), batch_size=4)
+    assert metrics["psnr_k"]["3"] == metrics["psnr"]
+    assert metrics["psnr"] == pytest.approx(10 * math.log10(1 / metrics["mse"]))
+    assert 0 < metrics["usage"] <= 1 and 1 <= metrics["perplexity"] <= 16
+
+
+def test_cluster_codebook_groups_identical_codes():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    codebook = centres.repeat_interleave(4, dim=0) + 0.01 * torch.randn(16, 2)
+    labels = cluster_codebook(codebook, 4, seed=0)
+    assert labels.dtype == torch.int64 and labels.shape == (16,)
+    groups = labels.view(4, 4)
+    assert all(len(set(row.tolist())) == 1 for row in groups)
+    assert len(set(groups[:, 0].tolist())) == 4
+    assert torch.equal(labels, cluster_codebook(codebook, 4, seed=0))
+
+
+def _stage_params() -> Params:
+    return Params(data=DataParams(source="mnist5k", image_size=8), tokenizer=TINY, threads=1,
+                  seed=0)
+
+
+def test_stages_train_tokenize_and_decode(tmp_path, monkeypatch):
+    import stages.tokenize
+    import stages.tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    params = _stage_params()
+    with pytest.raises(StageError, match="prepare"):
+        stages.tokenizer.run(params)
+    images = {"train": tiny_images(24, 1), "val": tiny_images(6, 2), "test": tiny_images(5, 3)}
+    for split, imgs in images.items():
+        save_torch({"images": imgs, "labels": torch.arange(len(imgs)) % 2, "classes": ["a", "b"]},
+                   tmp_path / "data/prepared" / f"{split}.pt")
+    setup(0, 1)
+    stages.tokenizer.run(params)
+    for out in ["models/tokenizer.pt", "models/tokenizer.params.json", "metrics/tokenizer.json",
+                "plots/tokenizer/curves.tsv", "plots/tokenizer/grid.png"]:
+        assert (tmp_path / out).is_file(), out
+    code_to_cluster, num = load_code_clusters("models/tokenizer.pt")
+    assert num == 4 and code_to_cluster.shape == (16,) and code_to_cluster.max() < 4
+    assert len((tmp_path / "plots/tokenizer/curves.tsv").read_text().splitlines()) == 1 + 6
+
+    stages.tokenize.run(params)
+    model = load_tokenizer("models/tokenizer.pt")
+    for split, imgs in images.items():
+        saved = load_torch(tmp_path / "data/tokens" / f"{split}.pt")
+        assert saved["indices"].dtype == torch.uint8 and saved["indices"].shape == (len(imgs), 21)
+        assert saved["patch_nums"] == [1, 2, 4] and saved["classes"] == ["a", "b"]
+        assert torch.equal(saved["labels"], torch.arange(len(imgs)) % 2)
+        with torch.no_grad():
+            decoded = model.decode(split_indices(saved["indices"], saved["patch_nums"]))
+            recon = model(to_float(imgs)).recon.clamp(-1, 1)
+        torch.testing.assert_close(decoded, recon, atol=1e-5, rtol=0)

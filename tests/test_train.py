@@ -1,0 +1,251 @@
+"""The training loop: optimizer groups, token weighting, label dropout, resume,
+NaN guard, the `up` variant's temperatures, and the train stage's outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from up.config import Params
+from up.errors import StageError
+from up.io import load_torch, save_torch
+from up.runtime import setup
+from up.tokenizer import MultiScaleVQVAE
+from up.train import (
+    TeacherForcing,
+    drop_labels,
+    param_groups,
+    token_weights,
+    train,
+)
+from up.transformer import VAR
+
+PATCH_NUMS = [1, 2, 4]
+V, CLUSTERS, CLASSES = 16, 4, 3
+
+
+def make_project(root, n_train=40, n_val=12):
+    """A tiny tokenizer and token caches whose tokens depend on the class (learnable)."""
+    torch.manual_seed(123)
+    tok = MultiScaleVQVAE(in_channels=1, widths=[8], res_blocks=0, latent_channels=4,
+                          vocab_size=V, patch_nums=PATCH_NUMS, phi_share=2)
+    (root / "models").mkdir(exist_ok=True)
+    save_torch({"config": tok.config, "state_dict": tok.state_dict(),
+                "code_to_cluster": torch.arange(V) % CLUSTERS, "num_clusters": CLUSTERS},
+               root / "models" / "tokenizer.pt")
+    length = sum(p * p for p in PATCH_NUMS)
+    for split, n in (("train", n_train), ("val", n_val)):
+        labels = torch.arange(n) % CLASSES
+        noise = torch.randint(0, 3, (n, length))
+        indices = (labels[:, None] * 5 + torch.arange(length) + noise) % V
+        save_torch({"indices": indices.to(torch.uint8), "labels": labels,
+                    "classes": [str(c) for c in range(CLASSES)], "patch_nums": PATCH_NUMS},
+                   root / "data" / "tokens" / f"{split}.pt")
+    return root
+
+
+def tiny_params(train=None, up=None, transformer=None) -> dict:
+    return {
+        "seed": 0, "threads": 1, "device": "cpu", "data": {"source": "digits"},
+        "transformer": {"depth": 2, "width": 32, "heads": 2, **(transformer or {})},
+        "train": {"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "save_every": 2,
+                  "log_every": 2, **(train or {})},
+        "variants": {"ce": {"loss": "ce"}, "ls": {"loss": "ls", "epsilon": 0.1},
+                     "up": {"loss": "up", "calib_every": 3, "calib_fraction": 0.2, **(up or {})}},
+    }
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: Params come from the test alone
+    return make_project(tmp_path)
+
+
+def run(root, params: dict, variant="ce", checkpoint="ckpt.pt"):
+    setup(0, 1)
+    return train(Params(**params), variant, 0, checkpoint=root / checkpoint,
+                 tokens_dir=root / "data" / "tokens", tokenizer_path=root / "models" / "tokenizer.pt")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def failing_loss(monkeypatch, at_call: int, action: str):
+    """Make the loss raise (``interrupt``) or return NaN (``nan``) at its ``at_call``-th call."""
+    import up.train
+
+    build = up.train.build_loss
+
+    def patched(*args, **kwargs):
+        loss = build(*args, **kwargs)
+        forward, calls = loss.forward, [0]
+
+        def forward_once(logits, targets):
+            calls[0] += 1
+            total, parts = forward(logits, targets)
+            if calls[0] == at_call:
+                if action == "interrupt":
+                    raise Interrupted
+                parts = {**parts, "ce": parts["ce"] * math.nan}
+                total = total * math.nan
+            return total, parts
+
+        loss.forward = forward_once
+        return loss
+
+    monkeypatch.setattr(up.train, "build_loss", patched)
+
+
+def test_weight_decay_only_on_linear_matrices():
+    model = VAR(V, 4, PATCH_NUMS, CLASSES, depth=1, width=16, heads=2)
+    decay, rest = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted([
+        "word_embed.weight", "blocks.0.ada_lin.1.weight", "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight",
+        "head.ada_lin.1.weight", "head.out.weight"])
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    no_decay = {names[id(p)] for p in rest["params"]}
+    assert {"pos_embed", "pos_start", "class_emb.weight", "scale_embed.weight",
+            "blocks.0.attn.log_scale", "blocks.0.attn.q_bias", "head.out.bias"} <= no_decay
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    # With zero gradients AdamW moves only the decayed tensors: p <- p (1 - lr wd).
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([decay, rest], lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        factor = 1 - 0.1 * 0.05 if n in {names[id(q)] for q in decay["params"]} else 1.0
+        assert torch.allclose(p, before[n] * factor), n
+
+
+def test_token_weights():
+    scale_ids = torch.tensor([0] + [1] * 4 + [2] * 16)
+    uniform = token_weights(scale_ids, "uniform")
+    assert torch.allclose(uniform, torch.full((21,), 1 / 21))
+    per_scale = token_weights(scale_ids, "per_scale")
+    assert per_scale[0] == pytest.approx(1 / 3)
+    assert torch.allclose(per_scale[1:5], torch.full((4,), 1 / 12))
+    assert torch.allclose(per_scale[5:], torch.full((16,), 1 / 48))
+    assert per_scale.sum() == pytest.approx(1.0)
+
+
+def test_label_dropout_is_sharded_and_seeded():
+    labels = torch.arange(2000) % 7
+    full = drop_labels(labels, 0.25, 7, seed=3, step=11)
+    shards = [drop_labels(labels[r * 1000:(r + 1) * 1000], 0.25, 7, 3, 11, rank=r, world=2)
+              for r in range(2)]
+    assert torch.equal(torch.cat(shards), full)
+    dropped = full == 7
+    assert 0.2 < dropped.float().mean() < 0.3
+    assert torch.equal(full[~dropped], labels[~dropped])
+    assert not torch.equal(drop_labels(labels, 0.25, 7, 3, 12), full)
+    assert torch.equal(drop_labels(labels, 0.0, 7, 3, 11), labels)
+
+
+def test_teacher_forcing_cache_equals_per_batch(project):
+    tok = MultiScaleVQVAE(in_channels=1, widths=[8], res_blocks=0, latent_channels=4,
+                          vocab_size=V, patch_nums=PATCH_NUMS, phi_share=2).eval()
+    indices = torch.randint(0, V, (10, 21))
+    cached = TeacherForcing(tok, indices, torch.device("cpu"))
+    direct = TeacherForcing(tok, indices, torch.device("cpu"), cache_bytes=0)
+    assert cached.cache is not None and direct.cache is None
+    ids = torch.tensor([7, 2, 2, 9])
+    assert cached(ids).shape == (4, 20, 4)
+    assert torch.allclose(cached(ids), direct(ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["ce", "up"])
+def test_resume_equals_uninterrupted(project, monkeypatch, variant):
+    # drop-path and EMA make the RNG state and the EMA weights part of what must resume.
+    params = tiny_params(train={"steps": 8, "ema": 0.9, "cond_drop": 0.3},
+                         transformer={"drop_path": 0.2})
+    whole = run(project, params, variant, "whole.pt")
+
+    failing_loss(monkeypatch, at_call=5, action="interrupt")  # dies in step 5
+    with pytest.raises(Interrupted):
+        run(project, params, variant, "parts.pt")
+    assert load_torch(project / "parts.pt")["step"] == 4
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    resumed = run(project, params, variant, "parts.pt")
+
+    for key in ("state_dict", "ema_state_dict"):
+        for name, value in whole.model[key].items():
+            assert torch.equal(value, resumed.model[key][name]), (key, name)
+    assert resumed.rows == whole.rows
+    assert [r["step"] for r in whole.rows] == [2, 4, 6, 8]
+    if variant == "up":
+        assert torch.equal(whole.model["temperatures"], resumed.model["temperatures"])
+
+
+def test_checkpoint_of_other_settings_is_ignored(project, capsys):
+    run(project, tiny_params(train={"steps": 2}), "ce", "ckpt.pt")
+    fresh = run(project, tiny_params(train={"steps": 2, "lr": 1e-3}), "ce", "ckpt.pt")
+    assert "ignoring" in capsys.readouterr().out
+    assert fresh.model["step"] == 2
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(project, monkeypatch):
+    failing_loss(monkeypatch, at_call=5, action="nan")
+    with pytest.raises(StageError) as err:
+        run(project, tiny_params(), "ce", "ckpt.pt")
+    message = str(err.value)
+    assert "non-finite loss and ce at step 5" in message
+    assert "ckpt.pt (after step 4) is kept" in message
+    state = load_torch(project / "ckpt.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_up_variant_trains_with_finite_parts_and_temperatures(project):
+    result = run(project, tiny_params(train={"steps": 6}), "up")
+    rows = result.rows
+    assert {"loss", "ce", "disp", "se", "grad_norm", "val_ce", "T_1x1", "T_2x2", "T_4x4"} \
+        <= set(rows[0])
+    assert all(math.isfinite(v) for row in rows for v in row.values())
+    assert [r["T_4x4"] for r in rows][0] == 1.0  # step 2: before the first refit (step 3)
+    temps = result.model["temperatures"]
+    assert temps.shape == (3,) and not torch.equal(temps, torch.ones(3))
+    assert [r["T_4x4"] for r in rows][-1] == pytest.approx(float(temps[2]), rel=1e-5)
+    assert result.metrics["temperatures"]["4x4"] == pytest.approx(float(temps[2]))
+    assert set(result.metrics["final_loss"]) >= {"loss", "ce", "disp", "se"}
+    # total = ce + lambda_disp * disp + lambda_se * se (defaults 0.5, 0.1), per step then averaged
+    last = rows[-1]
+    assert last["loss"] == pytest.approx(last["ce"] + 0.5 * last["disp"] + 0.1 * last["se"],
+                                         rel=1e-4)
+
+
+def test_stage_writes_outputs_and_learns(project):
+    import yaml
+
+    from stages.train import run as run_stage
+    from up.transformer import load_var
+
+    params = tiny_params(train={"steps": 30, "lr": 1e-2, "log_every": 10, "save_every": 10,
+                                "cond_drop": 0.0})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    setup(0, 1)
+    run_stage(Params(**params), "ls", 0)
+    assert not (project / "checkpoints" / "var-ls-s0.pt").exists()  # removed once done
+    saved = load_torch(project / "models" / "var-ls-s0.pt")
+    assert saved["step"] == 30 and saved["temperatures"] is None
+    assert saved["variant"] == {"name": "ls", "loss": "ls", "epsilon": 0.1}
+    model = load_var(project / "models" / "var-ls-s0.pt")
+    assert model.num_parameters() == json.loads(
+        (project / "metrics" / "train-ls-s0.json").read_text())["parameters"]
+    metrics = json.loads((project / "metrics" / "train-ls-s0.json").read_text())
+    assert set(metrics["val"]["ce_per_scale"]) == {"1x1", "2x2", "4x4"}
+    assert metrics["val"]["ce"] < math.log(V) - 0.3  # learned the class -> token structure
+    assert 0 <= metrics["val"]["ece"] <= 1 and metrics["val"]["nll"] == pytest.approx(
+        metrics["val"]["ce"], rel=1e-4)
+    assert metrics["speed"]["tokens_per_s"] > 0
+    tsv = (project / "plots" / "train" / "ls-s0.tsv").read_text().splitlines()
+    assert tsv[0].split("\t")[:3] == ["step", "lr", "loss"] and len(tsv) == 4
+    val_ce = [float(line.split("\t")[-1]) for line in tsv[1:]]
+    assert val_ce[-1] < val_ce[0]
+    resolved = json.loads((project / "models" / "var-ls-s0.params.json").read_text())
+    assert resolved["train"]["steps"] == 30 and resolved["variant"] == "ls"

@@ -1,0 +1,509 @@
+"""Token losses for next-scale prediction, one value per token.
+
+Cross-entropy, the two baselines that soften it (label smoothing, label
+relaxation) and the uncertainty-preserving loss (METHOD.md §2-§3): CE plus a
+penalty on the gap between the second-order dispersion of the prediction and
+that of a calibrated reference, plus a semantic-entropy term. The caller
+weights tokens (uniform, per scale) and reduces.
+
+This module depends on torch only, so it can be copied into any VAR code base.
+Shapes: logits (..., V), targets (...) long; every loss returns (...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+# Floor of a Dirichlet variance before its square root in the W2 penalty:
+# d sqrt(v)/dv = 1 / (2 sqrt v) is infinite at v = 0 (a probability that
+# underflowed to 0, or exactly 1 in float32). Flooring at 1e-12 caps the
+# derivative at 5e5 and moves a standard deviation by at most 1e-6.
+VAR_FLOOR = 1e-12
+
+
+# --------------------------------------------------------------------------
+# Baselines
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(y) per token."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def _target_log_prob(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _smoothing(log_probs: torch.Tensor, targets: torch.Tensor, epsilon: float):
+    """(smoothed loss, plain CE) from one log-softmax."""
+    nll = -_target_log_prob(log_probs, targets)
+    return (1.0 - epsilon) * nll - epsilon * log_probs.mean(-1), nll
+
+
+def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Cross-entropy to (1 - epsilon) onehot(y) + epsilon / V (VAR's default: 0.1)."""
+    return _smoothing(F.log_softmax(logits, -1), targets, epsilon)[0]
+
+
+def _relaxation(target_log_prob: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Label relaxation from log p(y) alone.
+
+    With the projection p_r (p_r(y) = 1 - alpha, p_r(k) = alpha p(k) / (1 - p(y))
+    elsewhere) the KL collapses to two terms:
+        (1 - alpha) log((1 - alpha) / p(y)) + alpha log(alpha / (1 - p(y))).
+    Its gradient equals that of KL(p_r || p) with p_r held constant (p_r is the
+    minimiser over the credal set, so by Danskin's theorem the dependence of
+    p_r on p adds nothing), which is the paper's treatment of the target.
+    """
+    p_y = target_log_prob.exp()
+    # Clamped so that log(1 - p(y)) stays finite (and its gradient zero, not
+    # NaN) inside the credal set, where torch.where discards it anyway.
+    log_rest = torch.log1p(-p_y.clamp_max(1.0 - alpha))
+    kl = (1.0 - alpha) * (math.log(1.0 - alpha) - target_log_prob) + alpha * (
+        math.log(alpha) - log_rest
+    )
+    return torch.where(p_y < 1.0 - alpha, kl, torch.zeros_like(kl))
+
+
+def label_relaxation_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Label relaxation (Lienen & Huellermeier, AAAI 2021).
+
+    Zero when p(y) >= 1 - alpha (the prediction lies in the credal set),
+    otherwise KL(p_r || p) to the projection p_r of p onto the set.
+    """
+    return _relaxation(_target_log_prob(F.log_softmax(logits, -1), targets), alpha)
+
+
+# --------------------------------------------------------------------------
+# Second-order dispersion and semantic entropy
+
+
+def dirichlet_variance(probs: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Per-coordinate variance of Dir(kappa * p): p (1 - p) / (kappa + 1)."""
+    return probs * (1.0 - probs) / (kappa + 1.0)
+
+
+def dispersion_penalty(probs: torch.Tensor, ref_probs: torch.Tensor, kappa: float,
+                       kind: str = "w2") -> torch.Tensor:
+    """Gap between the second-order dispersion of ``probs`` and ``ref_probs``.
+
+    ``w2``: sum_k (s_k(p) - s_k(ref))^2 with s_k = sqrt(Var_k), the scale part
+    of the squared 2-Wasserstein distance between the diagonal-Gaussian
+    approximations of the two Dirichlets (variances floored at VAR_FLOOR).
+    ``variance``: (sum_k Var_k(p) - sum_k Var_k(ref))^2.
+    """
+    var, ref_var = dirichlet_variance(probs, kappa), dirichlet_variance(ref_probs, kappa)
+    if kind == "w2":
+        std = var.clamp_min(VAR_FLOOR).sqrt()
+        ref_std = ref_var.clamp_min(VAR_FLOOR).sqrt()
+        return (std - ref_std).square().sum(-1)
+    if kind == "variance":
+        return (var.sum(-1) - ref_var.sum(-1)).square()
+    raise ValueError(f"unknown dispersion penalty {kind!r}; allowed: w2, variance")
+
+
+def cluster_probs(probs: torch.Tensor, code_to_cluster: torch.Tensor,
+                  num_clusters: int) -> torch.Tensor:
+    """P(c) = sum of p_k over the codes k of cluster c: (..., V) -> (..., num_clusters)."""
+    out = probs.new_zeros(*probs.shape[:-1], num_clusters)
+    return out.scatter_add(-1, code_to_cluster.expand_as(probs), probs)
+
+
+def _entropy_terms(cluster_p: torch.Tensor) -> torch.Tensor:
+    """log P with 0 log 0 = 0: flooring at the dtype's smallest normal keeps the
+    value exact and the gradient finite where a cluster's mass underflowed."""
+    return cluster_p.clamp_min(torch.finfo(cluster_p.dtype).tiny).log()
+
+
+def semantic_entropy(probs: torch.Tensor, code_to_cluster: torch.Tensor,
+                     num_clusters: int) -> torch.Tensor:
+    """Entropy of the prediction over clusters of codes that share a meaning."""
+    cluster_p = cluster_probs(probs, code_to_cluster, num_clusters)
+    return -(cluster_p * _entropy_terms(cluster_p)).sum(-1)
+
+
+# --------------------------------------------------------------------------
+# The uncertainty-preserving loss, fused
+
+
+class _UncertaintyPreserving(torch.autograd.Function):
+    """CE, dispersion penalty and semantic term from one softmax, with a
+    hand-written backward.
+
+    Autograd through the composition above keeps about ten (N, V) tensors
+    alive and replays as many elementwise passes in the backward. On CPU the
+    cost of a fresh (N, V) tensor is mostly page faults, so this allocates
+    three (as many as cross-entropy does: p, the reference and one scratch)
+    and works in place: the reference becomes dL/dp of the penalty, the
+    scratch dL/dp of the semantic term, and the backward turns them into the
+    gradient in one softmax-Jacobian product,
+        dL/dz = p * (w - <p, w>) + g_ce * (p - onehot(y)),  w = dL/dp,
+    reusing their memory (so it runs once: backward with retain_graph fails
+    on autograd's in-place check instead of returning a wrong gradient).
+    Returns (ce, disp, se), each (N,); a term that is off comes back empty.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp, smoothing, kappa, penalty, semantic,
+                code_to_cluster, num_clusters):
+        n, vocab = logits.shape
+        rows = targets.unsqueeze(1)
+        grad = ctx.needs_input_grad[0]
+        tiny = torch.finfo(logits.dtype).tiny
+        probs = torch.softmax(logits, 1)
+        # -log p(y) = (max z - z_y) - log max p: exact however small p(y) is,
+        # without a log-softmax pass (max p >= 1/V never underflows).
+        ce = (logits.amax(1) - logits.gather(1, rows).squeeze(1)) - probs.amax(1).log()
+
+        scratch = ref = None
+        if penalty is not None or semantic == "match":
+            if inv_temp is not None:  # calibrated: softmax(stopgrad(z) / T)
+                scratch = logits * inv_temp
+                ref = torch.softmax(scratch, 1)
+            else:  # smoothed: (1 - eps) onehot(y) + eps / V
+                ref = logits.new_full((n, vocab), smoothing / vocab)
+                ref.scatter_(1, rows, 1.0 - smoothing + smoothing / vocab)
+
+        # Semantic term; dse = its derivative in P(c) (N, C), spread to codes below.
+        se = logits.new_zeros(0)
+        dse = None
+        if semantic is not None:
+            cluster_p = cluster_probs(probs, code_to_cluster, num_clusters)
+            log_cluster = _entropy_terms(cluster_p)
+            if semantic == "match":
+                ref_cluster = cluster_probs(ref, code_to_cluster, num_clusters)
+                gap = (ref_cluster * _entropy_terms(ref_cluster)).sum(1) - (
+                    cluster_p * log_cluster).sum(1)  # SE(p) - SE(ref)
+                se = gap.square()
+                if grad:  # d SE / d P(c) = -(log P(c) + 1), and 0 log 0 = 0
+                    dse = (log_cluster + (cluster_p > tiny)).mul_(-2.0 * gap.unsqueeze(1))
+            elif semantic == "nll":
+                target_cluster = code_to_cluster[targets].unsqueeze(1)
+                se = -log_cluster.gather(1, target_cluster).squeeze(1)
+                if grad:
+                    p_c = cluster_p.gather(1, target_cluster)
+                    inv = torch.where(p_c > tiny, -1.0 / p_c, torch.zeros_like(p_c))
+                    dse = torch.zeros_like(cluster_p).scatter_(1, target_cluster, inv)
+            else:
+                raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
+
+        # Dispersion penalty. With u = p (1 - p), Var = u / (kappa + 1): the
+        # W2 term is shrink * sum (sqrt u - sqrt u_ref)^2, shrink = 1 / (kappa
+        # + 1) kept out of the (N, V) passes. dpen = its derivative in p over
+        # shrink, (N, V) in ref's memory; for "variance" the derivative is a
+        # per-row multiple of p and dpen_row holds the multiplier.
+        disp = logits.new_zeros(0)
+        dpen = dpen_row = None
+        shrink = 1.0 / (kappa + 1.0)
+        if penalty == "w2":
+            floor = VAR_FLOOR / shrink
+            std = torch.addcmul(probs, probs, probs, value=-1.0, out=scratch)
+            std.clamp_min_(floor).sqrt_()
+            diff = torch.addcmul(ref, ref, ref, value=-1.0, out=ref).clamp_min_(floor).sqrt_()
+            diff.neg_().add_(std)  # sqrt u(p) - sqrt u(ref)
+            disp = torch.linalg.vector_norm(diff, dim=1).square_().mul_(shrink)
+            if grad:  # d/dp_k (sqrt u_k - r_k)^2 = (sqrt u_k - r_k) (1 - 2 p_k) / sqrt u_k
+                # The floor has zero derivative: floored stds (exactly sqrt(floor))
+                # become inf, so the division zeroes them without a mask tensor.
+                floor_std = float(torch.tensor(floor, dtype=std.dtype).sqrt())
+                dpen = diff.div_(F.threshold_(std, floor_std, math.inf))
+                torch.addcmul(dpen, dpen, probs, value=-2.0, out=dpen)
+            scratch = std
+        elif penalty == "variance":
+            total = shrink * (1.0 - torch.linalg.vector_norm(probs, dim=1).square())
+            ref_total = shrink * (1.0 - torch.linalg.vector_norm(ref, dim=1).square())
+            disp = (total - ref_total).square()
+            if grad:  # d/dp_k = 2 (total - ref_total) shrink (-2 p_k)
+                dpen_row = -4.0 * (total - ref_total)
+            scratch = ref
+        elif penalty is not None:
+            raise ValueError(f"unknown dispersion penalty {penalty!r}; allowed: w2, variance")
+
+        spread = None
+        if dse is not None:  # dL_se/dp_k = dse[c(k)]
+            spread = torch.index_select(dse, 1, code_to_cluster, out=scratch)
+        ctx.shrink = shrink
+        ctx.save_for_backward(probs, targets, dpen, dpen_row, spread)
+        return ce, disp, se
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_ce, g_disp, g_se):
+        probs, targets, dpen, dpen_row, spread = ctx.saved_tensors
+        w = None  # dL/dp, built in the saved buffers
+        if dpen is not None:
+            w = dpen.mul_((ctx.shrink * g_disp).unsqueeze(1))
+        if spread is not None:
+            w = spread.mul_(g_se.unsqueeze(1)) if w is None else w.addcmul_(
+                spread, g_se.unsqueeze(1))
+        if dpen_row is not None:
+            row = (ctx.shrink * dpen_row * g_disp).unsqueeze(1)
+            w = probs * row if w is None else w.addcmul_(probs, row)
+        if w is None:
+            grad = probs * g_ce.unsqueeze(1)
+        else:
+            grad = w.mul_(probs)
+            dot = grad.sum(1) - g_ce
+            grad.addcmul_(probs, dot.unsqueeze(1), value=-1.0)
+        grad.scatter_add_(1, targets.unsqueeze(1), -g_ce.unsqueeze(1))
+        return grad, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------
+# Token-loss modules: the interface of the training loop
+
+
+class TokenLoss(nn.Module):
+    """forward(logits (B, L, V), targets (B, L)) -> (per-token total (B, L),
+    parts: dict of per-token tensors, always with the plain CE under "ce").
+
+    Losses compute in float32 (float64 stays float64) with autocast off: a
+    log-softmax over V in bf16 loses the small probabilities these losses
+    are about.
+    """
+
+    needs_calibration = False  # True: the loop refits self.temperatures
+
+    @staticmethod
+    def _upcast(logits: torch.Tensor) -> torch.Tensor:
+        return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+class CrossEntropy(TokenLoss):
+    def forward(self, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            ce = cross_entropy_loss(self._upcast(logits), targets)
+        return ce, {"ce": ce}
+
+
+class LabelSmoothing(TokenLoss):
+    def __init__(self, epsilon: float = 0.1):
+        super().__init__()
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(f"epsilon={epsilon} must lie in (0, 1)")
+        self.epsilon = epsilon
+
+    def forward(self, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            total, ce = _smoothing(F.log_softmax(self._upcast(logits), -1), targets, self.epsilon)
+        return total, {"ce": ce}
+
+
+class LabelRelaxation(TokenLoss):
+    def __init__(self, alpha: float = 0.1):
+        super().__init__()
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha={alpha} must lie in (0, 1)")
+        self.alpha = alpha
+
+    def forward(self, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            log_p_y = _target_log_prob(F.log_softmax(self._upcast(logits), -1), targets)
+        return _relaxation(log_p_y, self.alpha), {"ce": -log_p_y}
+
+
+class UncertaintyPreservingLoss(TokenLoss):
+    """CE + lambda_disp * dispersion penalty + lambda_se * semantic term (METHOD.md §3).
+
+    ``reference="calibrated"`` compares with p_ref = softmax(stopgrad(z) / T_s),
+    T_s the temperature of the position's scale, held in the ``temperatures``
+    buffer (1 at start, so both terms start at 0) and refitted by the caller
+    with :class:`TemperatureCalibrator`. ``"smoothed"`` compares with
+    (1 - smoothing) onehot(y) + smoothing / V. ``semantic="match"`` penalises
+    (SE(p) - SE(p_ref))^2, ``"nll"`` is -log P(c(y)). A term whose lambda is
+    0 is neither computed nor reported.
+
+    Parts: "ce", "disp", "se" (per token, differentiable; the total is
+    ce + lambda_disp * disp + lambda_se * se).
+    """
+
+    def __init__(self, kappa: float = 1.0, lambda_disp: float = 0.5, lambda_se: float = 0.1,
+                 penalty: str = "w2", reference: str = "calibrated", smoothing: float = 0.1,
+                 semantic: str = "match", code_to_cluster: torch.Tensor | None = None,
+                 num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
+                 num_scales: int | None = None):
+        super().__init__()
+        if kappa <= 0:
+            raise ValueError(f"kappa={kappa} must be > 0")
+        if lambda_disp < 0 or lambda_se < 0:
+            raise ValueError(f"lambda_disp={lambda_disp} and lambda_se={lambda_se} must be >= 0")
+        if penalty not in ("w2", "variance"):
+            raise ValueError(f"unknown penalty {penalty!r}; allowed: w2, variance")
+        if reference not in ("calibrated", "smoothed"):
+            raise ValueError(f"unknown reference {reference!r}; allowed: calibrated, smoothed")
+        if semantic not in ("match", "nll"):
+            raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
+        if reference == "smoothed" and not 0.0 < smoothing < 1.0:
+            raise ValueError(f"smoothing={smoothing} must lie in (0, 1)")
+        self.kappa, self.lambda_disp, self.lambda_se = kappa, lambda_disp, lambda_se
+        self.penalty = penalty if lambda_disp > 0 else None
+        self.semantic = semantic if lambda_se > 0 else None
+        self.reference, self.smoothing = reference, smoothing
+        self.needs_calibration = reference == "calibrated"
+
+        if self.semantic is not None:
+            if code_to_cluster is None or num_clusters is None:
+                raise ValueError("lambda_se > 0 needs code_to_cluster and num_clusters")
+            if code_to_cluster.dim() != 1 or int(code_to_cluster.max()) >= num_clusters:
+                raise ValueError("code_to_cluster must be (V,) with values < num_clusters")
+            self.register_buffer("code_to_cluster", code_to_cluster.long().clone(),
+                                 persistent=False)
+        else:
+            self.code_to_cluster = None
+        self.num_clusters = num_clusters
+        if self.needs_calibration:
+            if scale_ids is None or num_scales is None:
+                raise ValueError("reference='calibrated' needs scale_ids and num_scales")
+            self.register_buffer("scale_ids", scale_ids.long().clone(), persistent=False)
+            self.register_buffer("temperatures", torch.ones(num_scales))
+
+    def forward(self, logits, targets):
+        batch_shape = targets.shape
+        with torch.autocast(logits.device.type, enabled=False):
+            flat = self._upcast(logits).reshape(-1, logits.shape[-1])
+            inv_temp = None
+            if self.needs_calibration:
+                if logits.shape[-2] != self.scale_ids.numel():
+                    raise ValueError(f"logits have {logits.shape[-2]} positions, scale_ids "
+                                     f"{self.scale_ids.numel()}")
+                per_pos = self.temperatures.to(flat.dtype).reciprocal()[self.scale_ids]
+                inv_temp = per_pos.expand(batch_shape).reshape(-1, 1)
+            ce, disp, se = _UncertaintyPreserving.apply(
+                flat, targets.reshape(-1), inv_temp, self.smoothing, self.kappa, self.penalty,
+                self.semantic, self.code_to_cluster, self.num_clusters)
+        parts = {"ce": ce.view(batch_shape)}
+        total = parts["ce"]
+        if self.penalty is not None:
+            parts["disp"] = disp.view(batch_shape)
+            total = total + self.lambda_disp * parts["disp"]
+        if self.semantic is not None:
+            parts["se"] = se.view(batch_shape)
+            total = total + self.lambda_se * parts["se"]
+        return total, parts
+
+
+LOSSES = {"ce": CrossEntropy, "ls": LabelSmoothing, "lr": LabelRelaxation,
+          "up": UncertaintyPreservingLoss}
+_CONTEXT = ("code_to_cluster", "num_clusters", "scale_ids", "num_scales")
+
+
+def build_token_loss(kind: str, *, code_to_cluster: torch.Tensor | None = None,
+                     num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
+                     num_scales: int | None = None, **options) -> TokenLoss:
+    """The token loss of a variant: ``kind`` in ce | ls | lr | up, ``options`` its
+    params (epsilon; alpha; kappa, lambda_disp, ...). The tokenizer/model context
+    (clusters, scale of each position) is accepted for every kind, so one call
+    serves all variants; the baselines ignore it."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}")
+    cls = LOSSES[kind]
+    allowed = [name for name in inspect.signature(cls.__init__).parameters
+               if name != "self" and name not in _CONTEXT]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"loss {kind!r} got unknown options {unknown}; allowed: {allowed}")
+    if kind == "up":
+        options.update(code_to_cluster=code_to_cluster, num_clusters=num_clusters,
+                       scale_ids=scale_ids, num_scales=num_scales)
+    return cls(**options)
+
+
+# --------------------------------------------------------------------------
+# Temperature scaling per scale
+
+
+def _temperature_objective(logits: torch.Tensor, targets: torch.Tensor, log_t: float,
+                           chunk: int = 4096) -> tuple[float, float, float]:
+    """Mean NLL at T = exp(log_t) and its first two derivatives in log T, in float64.
+
+    In beta = 1/T the NLL is a log-partition minus a linear term, so
+    d/dbeta = E_q[z] - z_y and d2/dbeta2 = Var_q[z] (q = softmax(beta z));
+    the chain rule through beta = exp(-log_t) gives the log-T derivatives.
+    """
+    beta = math.exp(-log_t)
+    nll = d_beta = d2_beta = 0.0
+    for start in range(0, logits.shape[0], chunk):
+        z = logits[start:start + chunk].double()
+        z_y = z.gather(1, targets[start:start + chunk].unsqueeze(1)).squeeze(1)
+        scaled = z * beta
+        q = torch.softmax(scaled, 1)
+        mean_z = (q * z).sum(1)
+        nll += float((torch.logsumexp(scaled, 1) - beta * z_y).sum())
+        d_beta += float((mean_z - z_y).sum())
+        d2_beta += float((q * (z - mean_z.unsqueeze(1)).square()).sum())
+    n = logits.shape[0]
+    nll, d_beta, d2_beta = nll / n, d_beta / n, d2_beta / n
+    return nll, -beta * d_beta, beta * beta * d2_beta + beta * d_beta
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1.0,
+                    max_iter: int = 50, tol: float = 1e-9,
+                    bounds: tuple[float, float] = (0.01, 100.0)) -> float:
+    """The T minimising the NLL of softmax(logits / T): damped Newton on log T.
+
+    Newton steps are capped at a factor e, fall back to a gradient-sign step
+    where the objective is not locally convex in log T, and are halved until
+    the NLL does not increase; T stays within ``bounds`` (an all-correct
+    slice pushes T towards 0).
+    """
+    if logits.shape[0] == 0:
+        raise ValueError("no tokens to fit a temperature on")
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    log_t = min(max(math.log(init), lo), hi)
+    f, d1, d2 = _temperature_objective(logits, targets, log_t)
+    for _ in range(max_iter):
+        step = -d1 / d2 if d2 > 0 else -math.copysign(0.5, d1)
+        step = max(-1.0, min(1.0, step))
+        for _ in range(40):
+            candidate = min(max(log_t + step, lo), hi)
+            f_new, d1_new, d2_new = _temperature_objective(logits, targets, candidate)
+            if f_new <= f + 1e-15:
+                break
+            step *= 0.5
+        else:
+            break
+        moved = abs(candidate - log_t)
+        log_t, f, d1, d2 = candidate, f_new, d1_new, d2_new
+        if moved < tol or abs(d1) < tol:
+            break
+    return math.exp(log_t)
+
+
+class TemperatureCalibrator:
+    """One temperature per scale, refitted on held-out tokens (Guo et al. 2017).
+
+    Starts at T = 1. Each fit starts from the current temperatures; a scale
+    without tokens in the slice keeps its value.
+    """
+
+    def __init__(self, num_scales: int):
+        self.temperatures = torch.ones(num_scales, dtype=torch.float64)
+
+    @torch.no_grad()
+    def fit(self, logits: torch.Tensor, targets: torch.Tensor,
+            scale_of_token: torch.Tensor) -> torch.Tensor:
+        """logits (N, V), targets (N,), scale_of_token (N,) -> temperatures (K,)."""
+        logits = logits.reshape(-1, logits.shape[-1])
+        targets, scale_of_token = targets.reshape(-1), scale_of_token.reshape(-1)
+        for s in range(self.temperatures.numel()):
+            mask = scale_of_token == s
+            if mask.any():
+                self.temperatures[s] = fit_temperature(logits[mask], targets[mask],
+                                                       init=float(self.temperatures[s]))
+        return self.temperatures.clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"temperatures": self.temperatures.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        temps = state["temperatures"].to(torch.float64).reshape(-1)
+        if temps.shape != self.temperatures.shape:
+            raise ValueError(f"{temps.numel()} temperatures for {self.temperatures.numel()} scales")
+        self.temperatures = temps.clone()
