@@ -51,7 +51,9 @@ def _run(stage: str, seed: int | None = None, variant: str | None = None, **kwar
 
     setup(params.seed if seed is None else seed, params.threads)
     module = importlib.import_module(f"stages.{stage}")
-    extra = {} if variant is None else {"variant": variant, "seed": seed}
+    extra = {} if seed is None else {"seed": seed}
+    if variant is not None:
+        extra["variant"] = variant
     try:
         module.run(params, **extra, **kwargs)
     except (StageError, FileNotFoundError) as exc:
@@ -124,8 +126,9 @@ def generate(
         class_ids = [int(c) for c in classes.split(",") if c.strip()]
     except ValueError:
         _fail([f"--classes {classes!r}: expected comma-separated integers"], 2)
-    _run("generate", checkpoint=checkpoint, tokenizer=tokenizer_path, classes=class_ids, n=n,
-         seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, out=out)
+    _run("generate", seed=seed, checkpoint=checkpoint, tokenizer=tokenizer_path,
+         classes=class_ids, n=n, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+         out=out)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def markdown(summary: dict[str, dict], selective_fraction: float | None) -> str:
         "",
         f"Feature network for FID/KID/IS/precision/recall: {', '.join(extractors)}. "
         "Generated images are compared with the test split; calibration (ECE, NLL, Brier, "
-        "token accuracy) is of the token predictions on the val tokens.",
+        "token accuracy) is of the token predictions on the val tokens. Figures under "
+        "results/ show the first seed of each variant.",
+        "",
         ("Cells are mean ± sample std over the listed training seeds."
          if multi else "One training seed per variant: cells are single values."),
         "",
@@ -149,7 +151,7 @@ def grids_figure(grids: dict[str, Path]):
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
     for ax, (label, path) in zip(axes[0], grids.items(), strict=True):
         with Image.open(path) as img:
-            ax.imshow(img.convert("RGB"))
+            ax.imshow(img.convert("RGB"), interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     return fig

@@ -104,9 +104,9 @@ class AdaLNBlock(nn.Module):
                 ) -> torch.Tensor:
         mod = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
-        h = self.attn(self.norm(x) * (scale1 + 1) + shift1, mask)
+        h = self.attn(self.norm(x).mul(scale1 + 1).add_(shift1), mask)
         x = x + self.drop_path(h * gamma1)
-        h = self.mlp(self.norm(x) * (scale2 + 1) + shift2)
+        h = self.mlp(self.norm(x).mul(scale2 + 1).add_(shift2))
         return x + self.drop_path(h * gamma2)
 
 
@@ -122,7 +122,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.width).unbind(2)
-        return self.out(self.norm(x) * (scale + 1) + shift).float()
+        return self.out(self.norm(x).mul(scale + 1).add_(shift)).float()
 
 
 class VAR(nn.Module):
@@ -140,6 +140,10 @@ class VAR(nn.Module):
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} is not divisible by heads={heads}")
+        self._config = dict(vocab_size=vocab_size, latent_channels=latent_channels,
+                            patch_nums=[int(p) for p in patch_nums], num_classes=num_classes,
+                            depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio,
+                            drop_path=drop_path, qk_norm=qk_norm)
         self.vocab_size, self.latent_channels = vocab_size, latent_channels
         self.patch_nums = tuple(int(p) for p in patch_nums)
         self.num_classes, self.depth, self.width = num_classes, depth, width
@@ -197,14 +201,7 @@ class VAR(nn.Module):
 
     def config(self) -> dict:
         """Constructor kwargs, as stored in checkpoints (``config``)."""
-        block = self.blocks[0]
-        return dict(
-            vocab_size=self.vocab_size, latent_channels=self.latent_channels,
-            patch_nums=list(self.patch_nums), num_classes=self.num_classes, depth=self.depth,
-            width=self.width, heads=block.attn.heads,
-            mlp_ratio=block.mlp.fc1.out_features / self.width,
-            drop_path=self.blocks[-1].drop_path.p, qk_norm=block.attn.qk_norm,
-        )
+        return dict(self._config)
 
     def forward(self, labels: torch.Tensor, var_input: torch.Tensor) -> torch.Tensor:
         """Logits for every position: (B, l, V) with l = p_1^2 + var_input's length.

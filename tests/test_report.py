@@ -1,0 +1,105 @@
+"""report: the table's numbers are the per-run metric files' numbers (mean, sample std)."""
+
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+
+from up.config import load_params
+from up.errors import StageError
+from up.io import save_image_grid, save_json
+from up.report import MAIN_COLUMNS, SELECTIVE_COLUMNS
+
+SCORES = ["entropy", "dispersion", "semantic_entropy", "random"]
+
+
+def eval_metrics(variant_index: int, seed: int) -> dict:
+    """Distinct, hand-traceable numbers per (variant, seed)."""
+    base = 10.0 * (variant_index + 1) + 1.5 * seed
+    metrics = {key: base + i / 8 for i, (key, _) in enumerate(MAIN_COLUMNS)}
+    metrics["class_accuracy"] = None if variant_index == 1 else metrics["class_accuracy"]
+    metrics.update({key: base - i for i, (key, _) in enumerate(SELECTIVE_COLUMNS)})
+    metrics.update(kid_std=0.01, is_std=0.2, selective_fraction=0.5, n_samples=100, n_real=50,
+                   seed=seed, sample_seed=seed, feature_extractor="evaluator")
+    return metrics
+
+
+def make_project(root, variants: list[str], seeds: list[int]) -> None:
+    params = {"data": {"source": "digits"}, "seeds": seeds,
+              "variants": {v: {"loss": v} for v in variants}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for i, variant in enumerate(variants):
+        for seed in seeds:
+            name = f"{variant}-s{seed}"
+            save_json(eval_metrics(i, seed), root / "metrics" / f"eval-{name}.json")
+            save_json([{"bin": b, "confidence": (b + 0.5) / 4, "accuracy": b / 4, "count": 10}
+                       for b in range(4)], root / "plots/eval" / name / "reliability.json")
+            save_json([{"score": s, "fraction": f, "kept": int(100 * f), "repeats": 1,
+                        "fid": 5.0 * f + i, "precision": 0.5, "recall": 0.5,
+                        "class_accuracy": None} for s in SCORES for f in (1.0, 0.5)],
+                      root / "plots/eval" / name / "selective.json")
+            save_image_grid(torch.full((4, 1, 8, 8), 40 * i, dtype=torch.uint8),
+                            root / "samples" / name / "grid.png", nrow=2)
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """First table's rows by variant name: the cells after variant, seeds, N."""
+    table = markdown.split("## ")[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[3:]] for cells in rows[1:]}
+
+
+def test_table_equals_metric_files_mean_and_std_over_seeds(tmp_path, monkeypatch):
+    from stages.report import run
+
+    make_project(tmp_path, ["ce", "up"], [0, 1])
+    monkeypatch.chdir(tmp_path)
+    run(load_params())
+    summary = json.loads((tmp_path / "results/summary.json").read_text())
+    rows = table_rows((tmp_path / "results/summary.md").read_text())
+    assert list(rows) == ["ce", "up"]
+    for variant in ("ce", "up"):
+        files = [json.loads((tmp_path / f"metrics/eval-{variant}-s{s}.json").read_text())
+                 for s in (0, 1)]
+        assert summary[variant]["seeds"] == [0, 1] and summary[variant]["n_samples"] == [100]
+        for (key, _), cell in zip(MAIN_COLUMNS, rows[variant], strict=True):
+            values = [f[key] for f in files]
+            entry = summary[variant]["metrics"][key]
+            assert entry["values"] == values
+            if None in values:
+                assert cell == "n/a" and entry["mean"] is None
+                continue
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            assert entry["mean"] == pytest.approx(mean) and entry["std"] == pytest.approx(std)
+            assert cell == f"{mean:.4g} ± {std:.2g}"
+    # ce: fid of seeds 0 and 1 is 10 and 11.5 -> 10.75 +- 1.06
+    assert rows["ce"][0] == "10.75 ± 1.1"
+    for name in ("samples.png", "reliability.png", "selective.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0
+
+
+def test_single_seed_cells_are_the_values(tmp_path, monkeypatch):
+    from stages.report import run
+
+    make_project(tmp_path, ["ce"], [3])
+    monkeypatch.chdir(tmp_path)
+    run(load_params())
+    text = (tmp_path / "results/summary.md").read_text()
+    metrics = eval_metrics(0, 3)
+    assert table_rows(text)["ce"] == [f"{metrics[k]:.4g}" for k, _ in MAIN_COLUMNS]
+    selective = text.split("## ")[1]
+    assert "most certain 50%" in selective
+    assert f"| ce | 3 | 100 / 50 | {metrics['selective_fid_entropy']:.4g} |" in selective
+
+
+def test_missing_run_is_named(tmp_path, monkeypatch):
+    from stages.report import run
+
+    make_project(tmp_path, ["ce", "up"], [0])
+    (tmp_path / "metrics/eval-up-s0.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match="metrics/eval-up-s0.json"):
+        run(load_params())
+    assert not (tmp_path / "results").exists()
