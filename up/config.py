@@ -100,6 +100,7 @@ class TransformerParams(Section):
 
 
 class TrainParams(Section):
+    launcher: str = Field("up", min_length=1)
     steps: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
