@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 
-from up.calibration import reliability_bins, token_calibration
+from up.calibration import CalibrationMeter
 from up.config import Params
+from up.errors import StageError
 from up.evaluator import evaluator_outputs, load_evaluator
 from up.fidelity import FidelityConfig, SubsetQuality, compute_quality, extract_features
 from up.io import load_torch, save_figure, save_json
 from up.report import reliability_figure, selective_figure
 from up.runtime import resolve_device
-from up.selective import class_accuracy, class_diversity, selective_curves
+from up.selective import class_accuracy, class_diversity, kept_count, selective_curves
 from up.tokenizer import load_tokenizer
-from up.train import CALIBRATION_FLOATS, load_split, score_tokens
+from up.train import load_split, predict
 from up.transformer import load_var
 
 EVALUATOR = Path("models/evaluator.pt")
@@ -39,24 +40,20 @@ def fidelity_config(params: Params, device: torch.device, seed: int) -> Fidelity
 
 def calibration(params: Params, variant: str, seed: int, device: torch.device
                 ) -> tuple[dict, list[dict]]:
-    """ECE / NLL / Brier and reliability bins of the token predictions on the val tokens
-    (true labels, no guidance), plus CE and top-1 accuracy over all val tokens."""
+    """ECE, NLL, Brier, top-1 accuracy and reliability bins of the token predictions
+    on every val token (true labels, no guidance), accumulated batch by batch."""
     tokenizer = load_tokenizer(TOKENIZER, device)
     var = load_var(Path("models") / f"var-{variant}-s{seed}.pt", ema=True).to(device)
     val = load_split("data/tokens/val.pt", tokenizer, device)
-    keep = max(1, CALIBRATION_FLOATS // (var.seq_len * var.vocab_size))
-    bf16 = params.train.bf16
-    scores, (logits, targets) = score_tokens(var, val, torch.arange(len(val)),
-                                             params.train.batch_size, bf16, keep_logits=keep)
-    logits, targets = logits.flatten(0, 1), targets.flatten()
-    calib = token_calibration(logits, targets, params.evaluate.ece_bins)
-    bins = reliability_bins(logits, targets, params.evaluate.ece_bins)
-    summary = scores.summary(var.patch_nums)
-    figures = {"ece": float(calib["ece"]), "nll": float(calib["nll"]),
-               "brier": float(calib["brier"]), "token_accuracy": summary["accuracy"],
-               "token_ce": summary["ce"], "n_val_images": len(val),
-               "n_calibration_tokens": len(targets)}
-    return figures, bins
+    meter = CalibrationMeter(params.evaluate.ece_bins)
+    for logits, targets in predict(var, val, torch.arange(len(val)), params.train.batch_size,
+                                   params.train.bf16):
+        meter.update(logits, targets)
+    calib = meter.compute()
+    figures = {"ece": calib["ece"], "nll": calib["nll"], "brier": calib["brier"],
+               "token_accuracy": calib["accuracy"], "n_val_images": len(val),
+               "n_val_tokens": meter.count}
+    return figures, meter.bins()
 
 
 def run(params: Params, variant: str, seed: int) -> None:
@@ -69,6 +66,11 @@ def run(params: Params, variant: str, seed: int) -> None:
     samples = load_torch(Path("samples") / name / "samples.pt", "samples")
     test = load_torch("data/prepared/test.pt", "prepared test split")
     gen, labels, real = samples["images"], samples["labels"], test["images"]
+    smallest = kept_count(len(gen), min(ev.selective_fractions))
+    if smallest <= ev.pr_neighborhood:
+        raise StageError(f"selective generation keeps {smallest} of {len(gen)} samples at fraction "
+                         f"{min(ev.selective_fractions)}; precision/recall needs more than "
+                         f"evaluate.pr_neighborhood={ev.pr_neighborhood} (raise sample.n_per_class)")
     config = fidelity_config(params, device, seed)
     quality = compute_quality(gen, real, config)
 
@@ -110,7 +112,7 @@ def run(params: Params, variant: str, seed: int) -> None:
     save_json(bins, plots / "reliability.json")
     save_json(rows, plots / "selective.json")
     label = f"{name} (N={len(gen)} vs {len(real)} test)"
-    save_figure(reliability_figure({f"{name} ({calib['n_calibration_tokens']} val tokens)": bins}),
+    save_figure(reliability_figure({f"{name} ({calib['n_val_tokens']} val tokens)": bins}),
                 plots / "reliability.png")
     save_figure(selective_figure({label: rows}), plots / "selective.png")
     print(f"evaluate {name}: FID {quality['fid']:.4g}, precision {quality['precision']:.3f}, "

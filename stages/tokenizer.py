@@ -50,6 +50,8 @@ def run(params: Params) -> None:
     train_s = time.perf_counter() - started
 
     metrics = evaluate_tokenizer(model, val["images"], device=device)
+    shown = torch.linspace(0, len(val["images"]) - 1, min(tp.grid_images, len(val["images"])))
+    grid = progressive_grid(model, val["images"][shown.long()], device)  # spread over classes
     code_to_cluster = cluster_codebook(model.quantizer.embedding.weight, tp.semantic_clusters,
                                        params.seed, params.threads)
     save_torch({"config": model.config, "state_dict": model.cpu().state_dict(),
@@ -60,5 +62,4 @@ def run(params: Params) -> None:
                "clusters_used": int(torch.unique(code_to_cluster).numel())},
               "metrics/tokenizer.json")
     save_tsv(state.curves, "plots/tokenizer/curves.tsv")
-    grid = progressive_grid(model, val["images"][:tp.grid_images])
-    save_image_grid(grid, "plots/tokenizer/grid.png", nrow=min(tp.grid_images, len(val["images"])))
+    save_image_grid(grid, "plots/tokenizer/grid.png", nrow=len(shown))

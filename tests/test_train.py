@@ -249,3 +249,42 @@ def test_stage_writes_outputs_and_learns(project):
     assert val_ce[-1] < val_ce[0]
     resolved = json.loads((project / "models" / "var-ls-s0.params.json").read_text())
     assert resolved["train"]["steps"] == 30 and resolved["variant"] == "ls"
+
+
+def test_killed_stage_resumes_to_the_uninterrupted_result(project):
+    """What `dvc repro` does after a kill: the stage command runs again, finds its
+    checkpoint outside the stage outputs and ends where an unbroken run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    params = tiny_params(train={"steps": 150, "save_every": 5, "log_every": 25})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [str(Path(sys.executable).parent / "up"), "train", "--variant", "ce", "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    checkpoint = project / "checkpoints" / "var-ce-s0.pt"
+    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_torch(checkpoint)["step"]
+    assert 0 < killed_at < 150 and not (project / "models" / "var-ce-s0.pt").exists()
+
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming {checkpoint.relative_to(project)} at step" in done.stdout
+    resumed = load_torch(project / "models" / "var-ce-s0.pt")
+    whole = run(project, params, "ce", "whole.pt")
+    for name, value in whole.model["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][name]), name
+    rows = (project / "plots" / "train" / "ce-s0.tsv").read_text().splitlines()
+    assert [int(r.split("\t")[0]) for r in rows[1:]] == [25, 50, 75, 100, 125, 150]

@@ -76,7 +76,8 @@ class CalibrationMeter:
         logits = logits.reshape(-1, logits.shape[-1])
         targets = targets.reshape(-1)
         for start in range(0, logits.shape[0], self.chunk):
-            z = logits[start:start + self.chunk].float()
+            z = logits[start:start + self.chunk]
+            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
             y = targets[start:start + self.chunk].unsqueeze(1)
             log_p = torch.log_softmax(z, 1)
             p = log_p.exp()

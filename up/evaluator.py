@@ -24,25 +24,25 @@ from up.schedule import StepBatches, lr_factor, set_lr
 
 
 class Evaluator(nn.Module):
-    """Conv blocks (two 3x3 convs, then 2x2 max-pool) -> global average -> features -> logits."""
+    """Conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool) -> 4x4 average pool ->
+    features -> logits. The pooled 4x4 grid keeps the coarse layout a digit or object
+    class is recognised by, for any input size."""
 
     def __init__(self, in_channels: int, num_classes: int, widths: list[int], feature_dim: int):
         super().__init__()
         blocks, channels = [], in_channels
         for width in widths:
-            blocks += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-                       nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(), nn.MaxPool2d(2)]
             channels = width
-        self.body = nn.Sequential(*blocks)
-        self.project = nn.Linear(channels, feature_dim)
+        self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.project = nn.Linear(channels * 16, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
         self.feature_multiplier = 1.0  # set from the train split after training
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, C, H, W) -> (scaled features (B, feature_dim), logits (B, classes))."""
-        x = images.float() / 127.5 - 1.0
-        x = self.body(x).mean(dim=(2, 3))
-        raw = F.relu(self.project(x))
+        raw = F.relu(self.project(self.body(images.float() / 127.5 - 1.0)))
         return raw * self.feature_multiplier, self.head(raw)
 
 
@@ -85,11 +85,11 @@ def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int
     gen = torch.Generator().manual_seed(seed)
     model = Evaluator(images.shape[1], num_classes, list(widths), feature_dim)
     with torch.no_grad():  # a seeded init independent of the global RNG
-        for p in model.parameters():
-            if p.dim() > 1:
-                nn.init.kaiming_uniform_(p, a=5 ** 0.5, generator=gen)
-            else:
-                p.zero_()
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, a=5 ** 0.5, generator=gen)
+                if module.bias is not None:
+                    module.bias.zero_()
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = StepBatches(len(images), min(batch_size, len(images)), seed)
@@ -122,7 +122,7 @@ def accuracy(model: Evaluator, images: torch.Tensor, labels: torch.Tensor,
 def evaluator_config(model: Evaluator) -> dict[str, Any]:
     convs = [m for m in model.body if isinstance(m, nn.Conv2d)]
     return {"in_channels": convs[0].in_channels, "num_classes": model.head.out_features,
-            "widths": [c.out_channels for c in convs[::2]], "feature_dim": model.project.out_features}
+            "widths": [c.out_channels for c in convs], "feature_dim": model.project.out_features}
 
 
 def save_evaluator(model: Evaluator, path: str | Path, **extra: Any) -> None:

@@ -6,7 +6,8 @@ torch-fidelity feature extractor) and torch-fidelity's own
 local path or downloaded). Settings that torch-fidelity would otherwise pick
 silently are fixed here: the extractor is always named (precision/recall
 default to VGG16, which it tries to download), the disk cache is off (it keys
-on names, not weights) and KID's subset size never exceeds the sample count.
+on names, not weights), and KID's subset size and IS's split count never
+exceed the sample count.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ class FidelityConfig:
     def kwargs(self, n_gen: int, n_real: int) -> dict[str, Any]:
         """calculate_metrics keyword arguments (also handed to the extractor's constructor)."""
         if self.extractor == "evaluator":
-            if self.weights_path is None or not Path(self.weights_path).is_file():
-                raise FileNotFoundError(f"evaluator checkpoint not found: {self.weights_path}")
+            if self.weights_path is None:
+                raise ValueError("the evaluator extractor needs weights_path (models/evaluator.pt)")
             register_evaluator()
+        if self.weights_path is not None and not Path(self.weights_path).is_file():
+            raise FileNotFoundError(f"{self.extractor} weights not found: {self.weights_path}")
         return dict(
             feature_extractor=self.extractor_name,
             feature_extractor_weights_path=self.weights_path,
@@ -133,8 +136,10 @@ class FidelityConfig:
 
 def compute_quality(gen: torch.Tensor, real: torch.Tensor, config: FidelityConfig) -> dict[str, float]:
     """FID, KID, IS, precision and recall of uint8 generated images against real ones."""
-    if len(gen) < 2 or len(real) < 2:
-        raise ValueError(f"need at least 2 images per set (got {len(gen)} generated, {len(real)} real)")
+    smallest = min(len(gen), len(real))
+    if smallest <= config.pr_neighborhood:
+        raise ValueError(f"precision/recall with {config.pr_neighborhood} neighbours needs more "
+                         f"images per set (got {len(gen)} generated, {len(real)} real)")
     out = calculate_metrics(input1=config.dataset(gen), input2=config.dataset(real),
                             isc=True, fid=True, kid=True, prc=True, **config.kwargs(len(gen), len(real)))
     return {

@@ -206,8 +206,8 @@ class _UncertaintyPreserving(torch.autograd.Function):
             floor = VAR_FLOOR / shrink
             std = torch.addcmul(probs, probs, probs, value=-1.0, out=scratch)
             std.clamp_min_(floor).sqrt_()
-            diff = torch.addcmul(ref, ref, ref, value=-1.0, out=ref).clamp_min_(floor).sqrt_()
-            diff.neg_().add_(std)  # sqrt u(p) - sqrt u(ref)
+            ref_std = torch.addcmul(ref, ref, ref, value=-1.0, out=ref).clamp_min_(floor).sqrt_()
+            diff = torch.sub(std, ref_std, out=ref_std)  # sqrt u(p) - sqrt u(ref)
             disp = torch.linalg.vector_norm(diff, dim=1).square_().mul_(shrink)
             if grad:  # d/dp_k (sqrt u_k - r_k)^2 = (sqrt u_k - r_k) (1 - 2 p_k) / sqrt u_k
                 # The floor has zero derivative: floored stds (exactly sqrt(floor))
@@ -404,8 +404,9 @@ def build_token_loss(kind: str, *, code_to_cluster: torch.Tensor | None = None,
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}")
     cls = LOSSES[kind]
-    allowed = [name for name in inspect.signature(cls.__init__).parameters
-               if name != "self" and name not in _CONTEXT]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    allowed = [name for name, param in inspect.signature(cls.__init__).parameters.items()
+               if param.kind in named and name != "self" and name not in _CONTEXT]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"loss {kind!r} got unknown options {unknown}; allowed: {allowed}")
@@ -419,61 +420,56 @@ def build_token_loss(kind: str, *, code_to_cluster: torch.Tensor | None = None,
 # Temperature scaling per scale
 
 
-def _temperature_objective(logits: torch.Tensor, targets: torch.Tensor, log_t: float,
-                           chunk: int = 4096) -> tuple[float, float, float]:
-    """Mean NLL at T = exp(log_t) and its first two derivatives in log T, in float64.
+def _nll_slopes(logits: torch.Tensor, squares: torch.Tensor, target_logits: torch.Tensor,
+                beta: float, chunk: int = 4096) -> tuple[float, float]:
+    """First and second derivative in beta of the mean NLL of softmax(beta z).
 
-    In beta = 1/T the NLL is a log-partition minus a linear term, so
-    d/dbeta = E_q[z] - z_y and d2/dbeta2 = Var_q[z] (q = softmax(beta z));
-    the chain rule through beta = exp(-log_t) gives the log-T derivatives.
+    The NLL is a log-partition minus a linear term in beta, so its
+    derivatives are moments of q = softmax(beta z): E_q[z] - z_y and Var_q[z].
     """
-    beta = math.exp(-log_t)
-    nll = d_beta = d2_beta = 0.0
+    slope = curvature = 0.0
     for start in range(0, logits.shape[0], chunk):
-        z = logits[start:start + chunk].double()
-        z_y = z.gather(1, targets[start:start + chunk].unsqueeze(1)).squeeze(1)
-        scaled = z * beta
-        q = torch.softmax(scaled, 1)
-        mean_z = (q * z).sum(1)
-        nll += float((torch.logsumexp(scaled, 1) - beta * z_y).sum())
-        d_beta += float((mean_z - z_y).sum())
-        d2_beta += float((q * (z - mean_z.unsqueeze(1)).square()).sum())
-    n = logits.shape[0]
-    nll, d_beta, d2_beta = nll / n, d_beta / n, d2_beta / n
-    return nll, -beta * d_beta, beta * beta * d2_beta + beta * d_beta
+        z = logits[start:start + chunk]
+        q = torch.softmax(z * beta, 1)
+        mean = torch.linalg.vecdot(q, z)
+        slope += float((mean - target_logits[start:start + chunk]).sum())
+        second = torch.linalg.vecdot(q, squares[start:start + chunk])
+        curvature += float((second - mean.square()).sum())
+    return slope / logits.shape[0], curvature / logits.shape[0]
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1.0,
-                    max_iter: int = 50, tol: float = 1e-9,
+                    max_iter: int = 100, tol: float = 1e-7,
                     bounds: tuple[float, float] = (0.01, 100.0)) -> float:
-    """The T minimising the NLL of softmax(logits / T): damped Newton on log T.
+    """The T in ``bounds`` minimising the NLL of softmax(logits / T).
 
-    Newton steps are capped at a factor e, fall back to a gradient-sign step
-    where the objective is not locally convex in log T, and are halved until
-    the NLL does not increase; T stays within ``bounds`` (an all-correct
-    slice pushes T towards 0).
+    Newton on beta = 1/T, safeguarded by bisection: the NLL is convex in beta,
+    so the sign of its slope brackets the minimum, and a Newton step leaving
+    the bracket is replaced by its geometric midpoint. Each iteration is one
+    pass over the logits; from a warm start it converges in a few. An
+    all-correct slice has no interior minimum (T -> 0): T stops at its bound.
     """
     if logits.shape[0] == 0:
         raise ValueError("no tokens to fit a temperature on")
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
-    log_t = min(max(math.log(init), lo), hi)
-    f, d1, d2 = _temperature_objective(logits, targets, log_t)
+    logits = logits.double()  # float64 sums over many tokens; held for the whole fit
+    squares = logits.square()
+    target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
+    beta = min(max(1.0 / init, lo), hi)
     for _ in range(max_iter):
-        step = -d1 / d2 if d2 > 0 else -math.copysign(0.5, d1)
-        step = max(-1.0, min(1.0, step))
-        for _ in range(40):
-            candidate = min(max(log_t + step, lo), hi)
-            f_new, d1_new, d2_new = _temperature_objective(logits, targets, candidate)
-            if f_new <= f + 1e-15:
-                break
-            step *= 0.5
-        else:
+        slope, curvature = _nll_slopes(logits, squares, target_logits, beta)
+        if slope > 0:
+            hi = beta
+        elif slope < 0:
+            lo = beta
+        step = beta - slope / curvature if curvature > 0 else math.nan
+        if not abs(step - beta) <= tol * beta and not lo < step < hi:
+            step = math.sqrt(lo * hi)
+        done = abs(step - beta) <= tol * beta
+        beta = min(max(step, 1.0 / bounds[1]), 1.0 / bounds[0])
+        if done:
             break
-        moved = abs(candidate - log_t)
-        log_t, f, d1, d2 = candidate, f_new, d1_new, d2_new
-        if moved < tol or abs(d1) < tol:
-            break
-    return math.exp(log_t)
+    return 1.0 / beta
 
 
 class TemperatureCalibrator:

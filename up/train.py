@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from up.calibration import CalibrationMeter
 from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.config import Params
 from up.errors import StageError
@@ -48,9 +49,6 @@ from up.transformer import VAR
 # they take at most this many bytes (4,000 MNIST images: 66 MB); larger
 # datasets (ImageNet: ~110 GB) rebuild them per batch on the device.
 CACHE_BYTES = 2**30
-# Validation logits kept for the final ECE/NLL summary: at most this many
-# floats (1 GiB); the default config keeps all 500 images.
-CALIBRATION_FLOATS = 2**28
 ECE_BINS = 15
 
 
@@ -229,28 +227,22 @@ class TokenScores:
 
 
 def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: int, bf16: bool,
-                 keep_logits: int = 0
-                 ) -> tuple[TokenScores, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Cross-entropy and top-1 accuracy per scale; also the logits and targets of
-    the first ``keep_logits`` items (for calibration figures)."""
+                 meter: CalibrationMeter | None = None) -> TokenScores:
+    """Cross-entropy and top-1 accuracy per scale; ``meter`` also gathers the
+    calibration statistics, batch by batch (no (N, L, V) tensor is kept)."""
     scale_ids = model.scale_ids
     k = len(model.patch_nums)
     scores = TokenScores(*(torch.zeros(k, dtype=torch.float64, device=scale_ids.device)
                            for _ in range(3)))
-    kept_logits, kept_targets, seen = [], [], 0
     for logits, targets in predict(model, split, ids, batch_size, bf16):
         ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         hits = logits.argmax(-1) == targets
         scores.ce.index_add_(0, scale_ids, ce.sum(0).double())
         scores.correct.index_add_(0, scale_ids, hits.sum(0).double())
         scores.count.index_add_(0, scale_ids, torch.full_like(scale_ids, len(targets)).double())
-        if seen < keep_logits:
-            take = keep_logits - seen
-            kept_logits.append(logits[:take].cpu())
-            kept_targets.append(targets[:take].cpu())
-            seen += len(kept_targets[-1])
-    kept = (torch.cat(kept_logits), torch.cat(kept_targets)) if kept_logits else None
-    return scores, kept
+        if meter is not None:
+            meter.update(logits, targets)
+    return scores
 
 
 def refit_temperatures(model: VAR, loss_fn: TokenLoss, calibrator: TemperatureCalibrator,
@@ -399,7 +391,8 @@ def train(params: Params, name: str, seed: int, *, checkpoint: str | Path,
     batches = StepBatches(len(fit_ids), cfg.batch_size, seed, ctx.rank, ctx.world)
 
     fingerprint = {**resolved_params(params, name, seed), "data": _digest(
-        data.indices, data.labels, val.indices, val.labels, *tokenizer.state_dict().values())}
+        data.indices, data.labels, val.indices, val.labels, *tokenizer.state_dict().values(),
+        *loss_fn.buffers())}  # the loss's buffers: the semantic clusters of `up`
     for key in ("save_every", "log_every"):
         fingerprint["train"].pop(key)  # they change no result
     del fingerprint["threads"], fingerprint["device"]  # a resumed run may use others
@@ -486,7 +479,7 @@ def train(params: Params, name: str, seed: int, *, checkpoint: str | Path,
 
             if ctx.main and (step % cfg.log_every == 0 or step == cfg.steps):
                 means = log.flush()
-                scores, _ = score_tokens(eval_model, val, curve_ids, cfg.batch_size, cfg.bf16)
+                scores = score_tokens(eval_model, val, curve_ids, cfg.batch_size, cfg.bf16)
                 row = {"step": step, "lr": _fmt(lr), **{k: _fmt(v) for k, v in means.items()},
                        "val_ce": _fmt(float(scores.ce.sum() / scores.count.sum()))}
                 if calibrator is not None:
@@ -523,14 +516,12 @@ def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, e
             val: TokenSplit, fit_ids: torch.Tensor, log: TrainLog, tokens_per_step: int
             ) -> TrainResult:
     """Final figures on the weights that sampling will use (EMA when on)."""
-    from up.calibration import token_calibration
-
     cfg = params.train
-    keep = max(1, CALIBRATION_FLOATS // (model.seq_len * model.vocab_size))
-    val_scores, (logits, targets) = score_tokens(eval_model, val, torch.arange(len(val)),
-                                                 cfg.batch_size, cfg.bf16, keep_logits=keep)
-    calib = token_calibration(logits.flatten(0, 1), targets.flatten(), ECE_BINS)
-    train_scores, _ = score_tokens(eval_model, data, fit_ids[:len(val)], cfg.batch_size, cfg.bf16)
+    meter = CalibrationMeter(ECE_BINS)
+    val_scores = score_tokens(eval_model, val, torch.arange(len(val)), cfg.batch_size, cfg.bf16,
+                              meter)
+    calib = meter.compute()
+    train_scores = score_tokens(eval_model, data, fit_ids[:len(val)], cfg.batch_size, cfg.bf16)
     train_summary = train_scores.summary(model.patch_nums)
     temperatures = loss_fn.temperatures.detach().cpu().clone() if calibrator is not None else None
     final = log.rows[-1]
@@ -538,13 +529,14 @@ def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, e
         "variant": name, "seed": seed, "steps": cfg.steps, "parameters": model.num_parameters(),
         "val": {**val_scores.summary(model.patch_nums),
                 "ece": float(calib["ece"]), "nll": float(calib["nll"]),
-                "brier": float(calib["brier"]), "calibration_images": len(logits)},
+                "brier": float(calib["brier"])},
         "train": {"ce": train_summary["ce"], "ce_per_scale": train_summary["ce_per_scale"],
                   "images": min(len(val), len(fit_ids))},
         "speed": {"steps_per_s": log.timed_steps / log.seconds,
                   "tokens_per_s": tokens_per_step * log.timed_steps / log.seconds,
                   "train_seconds": log.seconds},
-        "final_loss": {k: v for k, v in final.items() if k not in ("step", "lr", "val_ce")},
+        "final_loss": {k: v for k, v in final.items()
+                       if k not in ("step", "lr", "grad_norm", "val_ce") and not k.startswith("T_")},
     }
     if temperatures is not None:
         metrics["temperatures"] = {f"{p}x{p}": t for p, t in

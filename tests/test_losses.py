@@ -1,0 +1,347 @@
+"""Token losses and temperature scaling against hand-computed values (float64)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from up.losses import (
+    VAR_FLOOR,
+    TemperatureCalibrator,
+    UncertaintyPreservingLoss,
+    build_token_loss,
+    cluster_probs,
+    cross_entropy_loss,
+    dirichlet_variance,
+    dispersion_penalty,
+    fit_temperature,
+    label_relaxation_loss,
+    label_smoothing_loss,
+    semantic_entropy,
+)
+
+D = torch.float64
+
+
+def t(*values):
+    return torch.tensor(values, dtype=D)
+
+
+# -- baselines -------------------------------------------------------------
+
+P3 = t(0.5, 0.3, 0.2)
+
+
+def test_cross_entropy_and_label_smoothing_by_hand():
+    logits, y = P3.log().expand(2, 3), torch.tensor([0, 2])
+    assert torch.allclose(cross_entropy_loss(logits, y), t(math.log(2), -math.log(0.2)))
+    mean_nll = -(math.log(0.5) + math.log(0.3) + math.log(0.2)) / 3
+    expected = t(0.9 * math.log(2) + 0.1 * mean_nll, -0.9 * math.log(0.2) + 0.1 * mean_nll)
+    assert torch.allclose(label_smoothing_loss(logits, y, 0.1), expected)
+    assert torch.allclose(label_smoothing_loss(logits, y, 0.1),
+                          F.cross_entropy(logits, y, label_smoothing=0.1, reduction="none"))
+
+
+def test_label_relaxation_is_kl_to_projection_outside_credal_set():
+    alpha, y = 0.1, torch.tensor([0])
+    logits = P3.log().unsqueeze(0).requires_grad_()
+    projection = t(0.9, 0.1 * 0.3 / 0.5, 0.1 * 0.2 / 0.5)  # p_r(k) = alpha p_k / (1 - p_y)
+    kl = (projection * (projection / P3).log()).sum()
+    assert math.isclose(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), float(kl))
+    loss = label_relaxation_loss(logits, y, alpha)
+    assert torch.allclose(loss, kl.unsqueeze(0))
+    # The projection is a constant target: gradient = p - p_r.
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.allclose(grad[0], P3 - projection)
+
+
+def test_label_relaxation_is_zero_inside_credal_set():
+    logits = t(0.95, 0.03, 0.02).log().unsqueeze(0).requires_grad_()
+    loss = label_relaxation_loss(logits, torch.tensor([0]), 0.1)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert float(loss.detach()) == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+    # p(y) = 1 exactly (saturated logits): still 0 with a finite gradient.
+    saturated = t(0.0, -800.0, -800.0).unsqueeze(0).requires_grad_()
+    loss = label_relaxation_loss(saturated, torch.tensor([0]), 0.1)
+    (grad,) = torch.autograd.grad(loss.sum(), saturated)
+    assert float(loss.detach()) == 0.0 and torch.isfinite(grad).all()
+
+
+# -- second-order dispersion -----------------------------------------------
+
+
+def test_dirichlet_variance_by_hand():
+    assert torch.allclose(dirichlet_variance(P3, 1.0), t(0.125, 0.105, 0.08))
+    assert torch.allclose(dirichlet_variance(P3, 4.0), t(0.25, 0.21, 0.16) / 5)
+
+
+def test_w2_penalty_by_hand():
+    # Swapped vectors: stds sqrt(1/8) and sqrt(2/25) differ by sqrt(2)/20 twice.
+    assert math.isclose(float(dispersion_penalty(P3, P3.flip(0), 1.0, "w2")), 2 * 2 / 400)
+    # A zero probability: its variance is floored before the square root.
+    p, ref = t(0.5, 0.5, 0.0), t(1 / 3, 1 / 3, 1 / 3)
+    expected = 2 * (math.sqrt(1 / 8) - 1 / 3) ** 2 + (math.sqrt(VAR_FLOOR) - 1 / 3) ** 2
+    assert math.isclose(float(dispersion_penalty(p, ref, 1.0, "w2")), expected)
+    # kappa shrinks every variance by 1 / (kappa + 1), so the W2 term as well.
+    assert math.isclose(float(dispersion_penalty(P3, P3.flip(0), 3.0, "w2")), 2 * 2 / 400 / 2)
+
+
+def test_variance_penalty_by_hand():
+    p, ref = t(0.5, 0.5, 0.0), t(1 / 3, 1 / 3, 1 / 3)
+    # total variances 0.5 / 2 and (2/3) / 2
+    assert math.isclose(float(dispersion_penalty(p, ref, 1.0, "variance")), (0.25 - 1 / 3) ** 2)
+    assert math.isclose(float(dispersion_penalty(p, ref, 2.0, "variance")),
+                        ((0.5 - 2 / 3) / 3) ** 2)
+    assert float(dispersion_penalty(P3, P3.flip(0), 1.0, "variance")) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["w2", "variance"])
+def test_penalty_zero_when_reference_equals_prediction(kind):
+    probs = torch.softmax(torch.randn(4, 7, dtype=D) * 3, -1)
+    assert torch.equal(dispersion_penalty(probs, probs, 1.0, kind), torch.zeros(4, dtype=D))
+
+
+def _total_variance(logits):
+    return float(dirichlet_variance(torch.softmax(logits, -1), 1.0).sum())
+
+
+@pytest.mark.parametrize("kind", ["w2", "variance"])
+@pytest.mark.parametrize("seed", range(5))
+def test_penalty_gradient_restores_reference_dispersion(kind, seed):
+    """A gradient step raises the dispersion of a prediction sharper than the
+    reference (reference = softmax(z / 2)) and lowers it when flatter (z * 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(20, generator=gen, dtype=D) * 2
+    for temperature, direction in ((2.0, 1), (0.5, -1)):
+        ref = torch.softmax(logits / temperature, -1)
+        z = logits.clone().requires_grad_()
+        penalty = dispersion_penalty(torch.softmax(z, -1), ref, 1.0, kind)
+        (grad,) = torch.autograd.grad(penalty, z)
+        assert float(penalty.detach()) > 0
+        change = _total_variance(logits - 1e-2 * grad) - _total_variance(logits)
+        assert change * direction > 0
+
+
+@pytest.mark.parametrize("kind", ["w2", "variance"])
+def test_penalty_gradcheck(kind):
+    logits = torch.randn(3, 6, dtype=D, requires_grad=True)
+    ref = torch.softmax(torch.randn(3, 6, dtype=D), -1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z, r: dispersion_penalty(torch.softmax(z, -1), r, 1.5, kind), (logits, ref))
+
+
+# -- semantic entropy ------------------------------------------------------
+
+
+def test_semantic_entropy_with_identity_clusters_is_entropy():
+    probs = torch.softmax(torch.randn(5, 8, dtype=D), -1)
+    entropy = -(probs * probs.log()).sum(-1)
+    assert torch.allclose(semantic_entropy(probs, torch.arange(8), 8), entropy)
+
+
+def test_semantic_entropy_zero_when_one_cluster_holds_all_mass():
+    code_to_cluster = torch.tensor([0, 1, 1, 0, 2, 1])
+    probs = t(0.0, 0.2, 0.5, 0.0, 0.0, 0.3)  # all on cluster 1, some codes exactly 0
+    assert float(semantic_entropy(probs, code_to_cluster, 3)) == 0.0
+    spread = torch.softmax(torch.randn(6, dtype=D), -1)
+    assert float(semantic_entropy(spread, torch.zeros(6, dtype=torch.long), 1)) == 0.0
+
+
+def test_semantic_entropy_by_hand_and_invariant_within_cluster():
+    code_to_cluster = torch.tensor([0, 1, 1, 0, 2, 1])
+    probs = t(0.1, 0.2, 0.05, 0.15, 0.4, 0.1)  # P(c) = 0.25, 0.35, 0.4
+    expected = -sum(q * math.log(q) for q in (0.25, 0.35, 0.4))
+    assert torch.allclose(cluster_probs(probs, code_to_cluster, 3), t(0.25, 0.35, 0.4))
+    assert math.isclose(float(semantic_entropy(probs, code_to_cluster, 3)), expected)
+    permuted = probs[torch.tensor([3, 5, 1, 0, 4, 2])]  # codes swapped inside clusters
+    assert math.isclose(float(semantic_entropy(permuted, code_to_cluster, 3)), expected)
+
+
+def test_semantic_entropy_gradcheck_and_finite_gradient_at_empty_cluster():
+    code_to_cluster = torch.tensor([0, 1, 1, 0, 2, 1, 2])
+    logits = torch.randn(4, 7, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z: semantic_entropy(torch.softmax(z, -1), code_to_cluster, 3), (logits,))
+    probs = t(0.5, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0).requires_grad_()  # cluster 2 empty
+    (grad,) = torch.autograd.grad(semantic_entropy(probs, code_to_cluster, 3), probs)
+    assert torch.isfinite(grad).all()
+
+
+# -- the uncertainty-preserving loss ---------------------------------------
+
+V, C, SCALES = 11, 4, torch.tensor([0, 1, 1, 1, 1])
+CLUSTERS = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 1])
+
+
+def _up(**options):
+    defaults = dict(kappa=2.0, lambda_disp=0.7, lambda_se=0.3, code_to_cluster=CLUSTERS,
+                    num_clusters=C, scale_ids=SCALES, num_scales=2)
+    return UncertaintyPreservingLoss(**{**defaults, **options})
+
+
+def _reference_composition(loss, logits, targets):
+    """The loss written with the public functions, for autograd to differentiate."""
+    probs = torch.softmax(logits, -1)
+    if loss.reference == "calibrated":
+        temps = loss.temperatures.to(logits.dtype)[loss.scale_ids].unsqueeze(-1)
+        ref = torch.softmax(logits.detach() / temps, -1)
+    else:
+        eps = loss.smoothing
+        ref = (1 - eps) * F.one_hot(targets, logits.shape[-1]).to(logits.dtype) + eps / V
+    parts = {"ce": cross_entropy_loss(logits, targets),
+             "disp": dispersion_penalty(probs, ref, loss.kappa, loss.penalty)}
+    if loss.semantic == "match":
+        parts["se"] = (semantic_entropy(probs, CLUSTERS, C) - semantic_entropy(ref, CLUSTERS, C)
+                       ).square()
+    else:
+        p_c = cluster_probs(probs, CLUSTERS, C).gather(-1, CLUSTERS[targets].unsqueeze(-1))
+        parts["se"] = -p_c.squeeze(-1).log()
+    return parts
+
+
+@pytest.mark.parametrize("penalty", ["w2", "variance"])
+@pytest.mark.parametrize("reference", ["calibrated", "smoothed"])
+@pytest.mark.parametrize("semantic", ["match", "nll"])
+def test_fused_loss_matches_composition_of_public_functions(penalty, reference, semantic):
+    loss = _up(penalty=penalty, reference=reference, semantic=semantic)
+    if reference == "calibrated":
+        loss.temperatures.copy_(torch.tensor([1.5, 0.7]))
+    logits = (torch.randn(3, 5, V, dtype=D) * 2).requires_grad_()
+    targets = torch.randint(0, V, (3, 5))
+    total, parts = loss(logits, targets)
+    expected = _reference_composition(loss, logits, targets)
+    assert set(parts) == {"ce", "disp", "se"}
+    for name in parts:
+        assert torch.allclose(parts[name], expected[name], atol=1e-12), name
+    assert torch.allclose(total, parts["ce"] + 0.7 * parts["disp"] + 0.3 * parts["se"])
+    # Gradients of an arbitrary token weighting, with every part used on its own too.
+    weights = torch.rand(3, 5, dtype=D)
+    mix = {"ce": 0.2, "disp": -0.5, "se": 1.3}
+    got = (total * weights).sum() + sum(mix[k] * parts[k].sum() for k in mix)
+    want = ((expected["ce"] + 0.7 * expected["disp"] + 0.3 * expected["se"]) * weights).sum() \
+        + sum(mix[k] * expected[k].sum() for k in mix)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_want,) = torch.autograd.grad(want, logits)
+    assert torch.allclose(g_got, g_want, atol=1e-12)
+
+
+def test_calibrated_terms_start_at_zero():
+    """T = 1: the reference is the prediction itself, both extra terms vanish."""
+    logits = torch.randn(2, 5, V) * 3
+    total, parts = _up()(logits, torch.randint(0, V, (2, 5)))
+    assert torch.equal(parts["disp"], torch.zeros(2, 5))
+    assert torch.equal(parts["se"], torch.zeros(2, 5))
+    assert torch.equal(total, parts["ce"])
+
+
+def test_loss_is_finite_on_saturated_and_low_precision_logits():
+    loss = _up()
+    loss.temperatures.fill_(1.7)
+    logits = torch.randn(2, 5, V) * 3
+    logits[0, 0, 3] = 200.0  # p = 1 in float32: variances floored, clusters empty
+    logits = logits.to(torch.bfloat16).requires_grad_()
+    total, parts = loss(logits, torch.randint(0, V, (2, 5)))
+    total.sum().backward()
+    assert total.dtype == torch.float32
+    assert all(torch.isfinite(v).all() for v in parts.values())
+    assert torch.isfinite(logits.grad.float()).all()
+
+
+def test_backward_runs_once():
+    """The backward reuses the saved buffers; a second pass must fail loudly."""
+    loss = _up()
+    loss.temperatures.fill_(1.3)
+    logits = torch.randn(1, 5, V, requires_grad=True)
+    total, _ = loss(logits, torch.randint(0, V, (1, 5)))
+    total.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        total.sum().backward()
+
+
+def test_disabled_terms_are_skipped():
+    total, parts = _up(lambda_se=0.0, code_to_cluster=None)(torch.randn(2, 5, V),
+                                                             torch.randint(0, V, (2, 5)))
+    assert set(parts) == {"ce", "disp"}
+    total, parts = _up(lambda_disp=0.0, semantic="nll", reference="smoothed")(
+        torch.randn(2, 5, V), torch.randint(0, V, (2, 5)))
+    assert set(parts) == {"ce", "se"}
+
+
+def test_up_loss_lowers_its_total_when_optimised():
+    torch.manual_seed(1)
+    loss = _up(reference="smoothed")
+    logits = torch.zeros(4, 5, V)
+    targets = torch.randint(0, V, (4, 5))
+    first = float(loss(logits, targets)[0].mean())
+    for _ in range(30):
+        z = logits.requires_grad_()
+        (grad,) = torch.autograd.grad(loss(z, targets)[0].mean(), z)
+        logits = (z - 5.0 * grad).detach()
+    assert float(loss(logits, targets)[0].mean()) < 0.5 * first
+
+
+# -- the factory -----------------------------------------------------------
+
+
+def test_build_token_loss_kinds_and_parts():
+    logits, targets = torch.randn(2, 5, V, dtype=D), torch.randint(0, V, (2, 5))
+    ce = cross_entropy_loss(logits, targets)
+    context = dict(code_to_cluster=CLUSTERS, num_clusters=C, scale_ids=SCALES, num_scales=2)
+    expected = {"ce": ce, "ls": label_smoothing_loss(logits, targets, 0.2),
+                "lr": label_relaxation_loss(logits, targets, 0.3), "up": ce}
+    options = {"ce": {}, "ls": {"epsilon": 0.2}, "lr": {"alpha": 0.3}, "up": {"kappa": 3.0}}
+    for kind in expected:
+        module = build_token_loss(kind, **context, **options[kind])
+        total, parts = module(logits, targets)
+        assert total.shape == (2, 5)
+        assert torch.allclose(parts["ce"], ce)
+        assert torch.allclose(total, expected[kind])  # up at T = 1: CE alone
+        assert module.needs_calibration == (kind == "up")
+
+
+def test_build_token_loss_rejects_unknown_names():
+    with pytest.raises(ValueError, match="allowed: ce, ls, lr, up"):
+        build_token_loss("focal")
+    with pytest.raises(ValueError, match="unknown options \\['alpha'\\]"):
+        build_token_loss("ls", alpha=0.1)
+    with pytest.raises(ValueError, match="unknown options \\['epsilon'\\]; allowed: \\[\\]"):
+        build_token_loss("ce", epsilon=0.1)
+    with pytest.raises(ValueError, match="scale_ids"):
+        build_token_loss("up", code_to_cluster=CLUSTERS, num_clusters=C)
+
+
+# -- temperature scaling ---------------------------------------------------
+
+
+def test_calibrator_recovers_known_temperature_per_scale():
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, true = 6000, 16, (2.0, 0.5, 1.0)
+    logits = torch.randn(3 * n, vocab, generator=gen) * 3
+    scale = torch.arange(3).repeat_interleave(n)
+    temps = torch.tensor(true)[scale].unsqueeze(1)
+    targets = torch.multinomial(torch.softmax(logits / temps, -1), 1, generator=gen).squeeze(1)
+    calibrator = TemperatureCalibrator(num_scales=4)
+    assert torch.equal(calibrator.temperatures, torch.ones(4, dtype=D))
+    fitted = calibrator.fit(logits, targets, scale)
+    for s, value in enumerate(true):
+        assert abs(float(fitted[s]) / value - 1) < 0.05, (s, float(fitted[s]))
+    assert float(fitted[3]) == 1.0  # no tokens of scale 3: unchanged
+    restored = TemperatureCalibrator(num_scales=4)
+    restored.load_state_dict(calibrator.state_dict())
+    assert torch.equal(restored.temperatures, fitted)
+
+
+def test_fit_temperature_is_the_nll_minimiser():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(500, 10, generator=gen, dtype=D) * 2
+    targets = torch.multinomial(torch.softmax(logits / 1.3, -1), 1, generator=gen).squeeze(1)
+    best = fit_temperature(logits, targets)
+
+    def nll(temp):
+        return float(F.cross_entropy(logits / temp, targets))
+
+    assert nll(best) <= min(nll(best * 0.999), nll(best * 1.001))
+    # Every prediction right: the NLL falls as T -> 0, T stops at its bound.
+    assert fit_temperature(logits, logits.argmax(-1), bounds=(0.1, 50.0)) == pytest.approx(0.1)
