@@ -10,6 +10,7 @@ from up.losses import (
     VAR_FLOOR,
     TemperatureCalibrator,
     UncertaintyPreservingLoss,
+    _UncertaintyPreserving,
     build_token_loss,
     cluster_probs,
     cross_entropy_loss,
@@ -214,14 +215,25 @@ def test_fused_loss_matches_composition_of_public_functions(penalty, reference, 
     expected = _reference_composition(loss, logits, targets)
     assert set(parts) == {"ce", "disp", "se"}
     for name in parts:
+        assert not parts[name].requires_grad
         assert torch.allclose(parts[name], expected[name], atol=1e-12), name
-    assert torch.allclose(total, parts["ce"] + 0.7 * parts["disp"] + 0.3 * parts["se"])
-    # Gradients of an arbitrary token weighting, with every part used on its own too.
-    weights = torch.rand(3, 5, dtype=D)
-    mix = {"ce": 0.2, "disp": -0.5, "se": 1.3}
-    got = (total * weights).sum() + sum(mix[k] * parts[k].sum() for k in mix)
-    want = ((expected["ce"] + 0.7 * expected["disp"] + 0.3 * expected["se"]) * weights).sum() \
-        + sum(mix[k] * expected[k].sum() for k in mix)
+    want = expected["ce"] + 0.7 * expected["disp"] + 0.3 * expected["se"]
+    assert torch.allclose(total, want, atol=1e-12)
+    weights = torch.rand(3, 5, dtype=D)  # any token weighting
+    (g_got,) = torch.autograd.grad((total * weights).sum(), logits)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), logits, retain_graph=True)
+    assert torch.allclose(g_got, g_want, atol=1e-12)
+    # The fused function on its own: each output with its own upstream gradient.
+    inv_temp = None
+    if reference == "calibrated":
+        inv_temp = (1 / loss.temperatures.to(D))[SCALES].expand(3, 5).reshape(-1, 1)
+    outputs = _UncertaintyPreserving.apply(
+        logits.reshape(-1, V), targets.reshape(-1), inv_temp, loss.smoothing, loss.kappa,
+        penalty, semantic, CLUSTERS, C)
+    upstream = torch.randn(3, 15, dtype=D)
+    got = sum((out * g).sum() for out, g in zip(outputs, upstream, strict=True))
+    want = sum((expected[k].reshape(-1) * g).sum()
+               for k, g in zip(("ce", "disp", "se"), upstream, strict=True))
     (g_got,) = torch.autograd.grad(got, logits)
     (g_want,) = torch.autograd.grad(want, logits)
     assert torch.allclose(g_got, g_want, atol=1e-12)

@@ -138,12 +138,13 @@ class _UncertaintyPreserving(torch.autograd.Function):
     hand-written backward.
 
     Autograd through the composition above keeps about ten (N, V) tensors
-    alive and replays as many elementwise passes in the backward. On CPU the
-    cost of a fresh (N, V) tensor is mostly page faults, so this allocates
-    three (as many as cross-entropy does: p, the reference and one scratch)
-    and works in place: the reference becomes dL/dp of the penalty, the
-    scratch dL/dp of the semantic term, and the backward turns them into the
-    gradient in one softmax-Jacobian product,
+    alive and replays as many elementwise passes in the backward. On CPU a
+    fresh (N, V) tensor costs mostly page faults, and on a busy machine every
+    op costs a thread synchronisation, so this allocates three (N, V) tensors'
+    worth (as many as cross-entropy does: p and the reference stacked, one
+    scratch), keeps the op count low and works in place: the reference becomes
+    dL/dp of the penalty, the scratch dL/dp of the semantic term, and the
+    backward turns them into the gradient in one softmax-Jacobian product,
         dL/dz = p * (w - <p, w>) + g_ce * (p - onehot(y)),  w = dL/dp,
     reusing their memory (so it runs once: backward with retain_graph fails
     on autograd's in-place check instead of returning a wrong gradient).
@@ -157,42 +158,45 @@ class _UncertaintyPreserving(torch.autograd.Function):
         rows = targets.unsqueeze(1)
         grad = ctx.needs_input_grad[0]
         tiny = torch.finfo(logits.dtype).tiny
-        probs = torch.softmax(logits, 1)
+        need_ref = penalty is not None or semantic == "match"
+        # p and the reference share one (2, N, V) buffer, so that the cluster
+        # sums and entropies of both are one op each.
+        stacked = logits.new_empty(2, n, vocab) if need_ref else None
+        probs = torch.softmax(logits, 1, out=stacked[0] if need_ref else None)
         # -log p(y) = (max z - z_y) - log max p: exact however small p(y) is,
         # without a log-softmax pass (max p >= 1/V never underflows).
         ce = (logits.amax(1) - logits.gather(1, rows).squeeze(1)) - probs.amax(1).log()
 
         scratch = ref = None
-        if penalty is not None or semantic == "match":
-            if inv_temp is not None:  # calibrated: softmax(stopgrad(z) / T)
-                scratch = logits * inv_temp
-                ref = torch.softmax(scratch, 1)
-            else:  # smoothed: (1 - eps) onehot(y) + eps / V
-                ref = logits.new_full((n, vocab), smoothing / vocab)
-                ref.scatter_(1, rows, 1.0 - smoothing + smoothing / vocab)
+        if need_ref and inv_temp is not None:  # calibrated: softmax(stopgrad(z) / T)
+            scratch = logits * inv_temp
+            ref = torch.softmax(scratch, 1, out=stacked[1])
+        elif need_ref:  # smoothed: (1 - eps) onehot(y) + eps / V
+            ref = stacked[1].fill_(smoothing / vocab)
+            ref.scatter_(1, rows, 1.0 - smoothing + smoothing / vocab)
 
         # Semantic term; dse = its derivative in P(c) (N, C), spread to codes below.
         se = logits.new_zeros(0)
         dse = None
-        if semantic is not None:
+        if semantic == "match":
+            both = cluster_probs(stacked.view(2 * n, vocab), code_to_cluster, num_clusters)
+            log_both = _entropy_terms(both)
+            neg_entropy = (both * log_both).view(2, n, num_clusters).sum(2)
+            gap = neg_entropy[1] - neg_entropy[0]  # SE(p) - SE(ref)
+            se = gap.square()
+            if grad:  # d SE / d P(c) = -(log P(c) + 1), and 0 log 0 = 0
+                cluster_p, log_cluster = both[:n], log_both[:n]
+                dse = (log_cluster + (cluster_p > tiny)).mul_(-2.0 * gap.unsqueeze(1))
+        elif semantic == "nll":
             cluster_p = cluster_probs(probs, code_to_cluster, num_clusters)
-            log_cluster = _entropy_terms(cluster_p)
-            if semantic == "match":
-                ref_cluster = cluster_probs(ref, code_to_cluster, num_clusters)
-                gap = (ref_cluster * _entropy_terms(ref_cluster)).sum(1) - (
-                    cluster_p * log_cluster).sum(1)  # SE(p) - SE(ref)
-                se = gap.square()
-                if grad:  # d SE / d P(c) = -(log P(c) + 1), and 0 log 0 = 0
-                    dse = (log_cluster + (cluster_p > tiny)).mul_(-2.0 * gap.unsqueeze(1))
-            elif semantic == "nll":
-                target_cluster = code_to_cluster[targets].unsqueeze(1)
-                se = -log_cluster.gather(1, target_cluster).squeeze(1)
-                if grad:
-                    p_c = cluster_p.gather(1, target_cluster)
-                    inv = torch.where(p_c > tiny, -1.0 / p_c, torch.zeros_like(p_c))
-                    dse = torch.zeros_like(cluster_p).scatter_(1, target_cluster, inv)
-            else:
-                raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
+            target_cluster = code_to_cluster[targets].unsqueeze(1)
+            se = -_entropy_terms(cluster_p.gather(1, target_cluster)).squeeze(1)
+            if grad:
+                p_c = cluster_p.gather(1, target_cluster)
+                inv = torch.where(p_c > tiny, -1.0 / p_c, torch.zeros_like(p_c))
+                dse = torch.zeros_like(cluster_p).scatter_(1, target_cluster, inv)
+        elif semantic is not None:
+            raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
 
         # Dispersion penalty. With u = p (1 - p), Var = u / (kappa + 1): the
         # W2 term is shrink * sum (sqrt u - sqrt u_ref)^2, shrink = 1 / (kappa
@@ -263,6 +267,8 @@ class _UncertaintyPreserving(torch.autograd.Function):
 class TokenLoss(nn.Module):
     """forward(logits (B, L, V), targets (B, L)) -> (per-token total (B, L),
     parts: dict of per-token tensors, always with the plain CE under "ce").
+    Parts are detached: they are for logging, and a logged part that kept its
+    graph would keep every step's activations alive.
 
     Losses compute in float32 (float64 stays float64) with autocast off: a
     log-softmax over V in bf16 loses the small probabilities these losses
@@ -280,7 +286,7 @@ class CrossEntropy(TokenLoss):
     def forward(self, logits, targets):
         with torch.autocast(logits.device.type, enabled=False):
             ce = cross_entropy_loss(self._upcast(logits), targets)
-        return ce, {"ce": ce}
+        return ce, {"ce": ce.detach()}
 
 
 class LabelSmoothing(TokenLoss):
@@ -293,7 +299,7 @@ class LabelSmoothing(TokenLoss):
     def forward(self, logits, targets):
         with torch.autocast(logits.device.type, enabled=False):
             total, ce = _smoothing(F.log_softmax(self._upcast(logits), -1), targets, self.epsilon)
-        return total, {"ce": ce}
+        return total, {"ce": ce.detach()}
 
 
 class LabelRelaxation(TokenLoss):
@@ -306,7 +312,7 @@ class LabelRelaxation(TokenLoss):
     def forward(self, logits, targets):
         with torch.autocast(logits.device.type, enabled=False):
             log_p_y = _target_log_prob(F.log_softmax(self._upcast(logits), -1), targets)
-        return _relaxation(log_p_y, self.alpha), {"ce": -log_p_y}
+        return _relaxation(log_p_y, self.alpha), {"ce": -log_p_y.detach()}
 
 
 class UncertaintyPreservingLoss(TokenLoss):
@@ -320,7 +326,7 @@ class UncertaintyPreservingLoss(TokenLoss):
     (SE(p) - SE(p_ref))^2, ``"nll"`` is -log P(c(y)). A term whose lambda is
     0 is neither computed nor reported.
 
-    Parts: "ce", "disp", "se" (per token, differentiable; the total is
+    Parts: "ce", "disp", "se" (per token; the total is
     ce + lambda_disp * disp + lambda_se * se).
     """
 
@@ -378,15 +384,12 @@ class UncertaintyPreservingLoss(TokenLoss):
             ce, disp, se = _UncertaintyPreserving.apply(
                 flat, targets.reshape(-1), inv_temp, self.smoothing, self.kappa, self.penalty,
                 self.semantic, self.code_to_cluster, self.num_clusters)
-        parts = {"ce": ce.view(batch_shape)}
-        total = parts["ce"]
+        total, parts = ce, {"ce": ce}
         if self.penalty is not None:
-            parts["disp"] = disp.view(batch_shape)
-            total = total + self.lambda_disp * parts["disp"]
+            total, parts["disp"] = total + self.lambda_disp * disp, disp
         if self.semantic is not None:
-            parts["se"] = se.view(batch_shape)
-            total = total + self.lambda_se * parts["se"]
-        return total, parts
+            total, parts["se"] = total + self.lambda_se * se, se
+        return total.view(batch_shape), {k: v.detach().view(batch_shape) for k, v in parts.items()}
 
 
 LOSSES = {"ce": CrossEntropy, "ls": LabelSmoothing, "lr": LabelRelaxation,
@@ -438,6 +441,7 @@ def _nll_slopes(logits: torch.Tensor, squares: torch.Tensor, target_logits: torc
     return slope / logits.shape[0], curvature / logits.shape[0]
 
 
+@torch.no_grad()
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1.0,
                     max_iter: int = 100, tol: float = 1e-7,
                     bounds: tuple[float, float] = (0.01, 100.0)) -> float:
@@ -454,8 +458,9 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1
     logits = logits.double()  # float64 sums over many tokens; held for the whole fit
     squares = logits.square()
     target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
-    beta = min(max(1.0 / init, lo), hi)
+    beta_min, beta_max = 1.0 / bounds[1], 1.0 / bounds[0]
+    lo, hi = beta_min, beta_max  # bracket of the minimum
+    beta = min(max(1.0 / init, beta_min), beta_max)
     for _ in range(max_iter):
         slope, curvature = _nll_slopes(logits, squares, target_logits, beta)
         if slope > 0:
@@ -466,7 +471,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1
         if not abs(step - beta) <= tol * beta and not lo < step < hi:
             step = math.sqrt(lo * hi)
         done = abs(step - beta) <= tol * beta
-        beta = min(max(step, 1.0 / bounds[1]), 1.0 / bounds[0])
+        beta = min(max(step, beta_min), beta_max)
         if done:
             break
     return 1.0 / beta
