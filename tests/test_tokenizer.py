@@ -13,6 +13,7 @@ from up.io import load_torch, save_torch
 from up.runtime import setup
 from up.tokenizer import (
     MultiScaleVQVAE,
+    bicubic_matrix,
     flatten_indices,
     index_dtype,
     load_code_clusters,
@@ -89,6 +90,15 @@ def test_phi_assignment_spreads_convs_over_scales():
     # ticks 1/8, 3/8, 5/8, 7/8 against scale positions k/9
     assert phi_assignment(10, 4) == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert phi_assignment(1, 1) == [0]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+def test_bicubic_matrix_is_torch_bicubic(size):
+    x = torch.randn(2, 3, size, size)
+    up = bicubic_matrix(size, 8)
+    expected = torch.nn.functional.interpolate(x, size=(8, 8), mode="bicubic")
+    torch.testing.assert_close(up @ x @ up.T, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(up.sum(1), torch.ones(8))  # rows are interpolation weights
 
 
 def test_index_maps_have_scale_shapes_and_valid_values():
@@ -261,12 +271,22 @@ def test_reseed_moves_only_dead_codes_onto_residuals():
 
 
 def test_psnr_and_metrics():
-    assert psnr(0.01) == pytest.approx(20.0)
+    assert psnr(torch.tensor([0.01, 0.0001])).tolist() == pytest.approx([20.0, 40.0])
     model = tiny_model().eval()
-    metrics = evaluate_tokenizer(model, tiny_images(10), batch_size=4)
+    images = tiny_images(10)
+    metrics = evaluate_tokenizer(model, images, batch_size=4)
     assert metrics["psnr_k"]["3"] == metrics["psnr"]
-    assert metrics["psnr"] == pytest.approx(10 * math.log10(1 / metrics["mse"]))
+    # mean of per-image PSNRs >= PSNR of the mean MSE (Jensen), equal only if all MSEs agree
+    assert metrics["psnr"] >= 10 * math.log10(1 / metrics["mse"])
     assert 0 < metrics["usage"] <= 1 and 1 <= metrics["perplexity"] <= 16
+    black = ((images.double() / 255) ** 2).flatten(1).mean(1)
+    assert metrics["psnr_black"] == pytest.approx((10 * torch.log10(1 / black)).mean().item())
+    with torch.no_grad():
+        x = to_float(images)
+        one = model.partial_decode(model.encode(x), 1)
+    mse_1 = ((one.double() - x.double()) / 2).square().flatten(1).mean(1)
+    expected = (10 * torch.log10(1 / mse_1)).mean().item()
+    assert metrics["psnr_k"]["1"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_cluster_codebook_groups_identical_codes():

@@ -154,12 +154,26 @@ class Quantized:
     vq_loss: torch.Tensor  # codebook + beta * commitment, averaged over scales
 
 
+def bicubic_matrix(size: int, side: int) -> torch.Tensor:
+    """(side, size) matrix A with A @ x @ A.T == bicubic upsampling of x (size x size) to side.
+
+    Read off torch's own bicubic kernel (align_corners=False, clamped borders),
+    applied to unit impulses; as two matmuls its backward is far cheaper on a
+    CPU than upsample_bicubic2d_backward for the tiny maps of the coarse scales.
+    """
+    impulses = torch.eye(size, dtype=torch.float64).view(size, 1, 1, size)
+    return F.interpolate(impulses, size=(1, side), mode="bicubic").view(size, side).T.float()
+
+
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, vocab_size: int, channels: int, patch_nums: list[int], phi_share: int,
                  beta: float):
         super().__init__()
         self.patch_nums = tuple(patch_nums)
+        self.side = self.patch_nums[-1]  # the latent map is p_K x p_K
         self.beta = beta
+        for pn in self.patch_nums[:-1]:
+            self.register_buffer(f"upsample_{pn}", bicubic_matrix(pn, self.side), persistent=False)
         self.embedding = nn.Embedding(vocab_size, channels)
         nn.init.uniform_(self.embedding.weight, -1.0 / vocab_size, 1.0 / vocab_size)
         self.phis = nn.ModuleList(Phi(channels) for _ in range(phi_share))
@@ -171,15 +185,18 @@ class MultiScaleQuantizer(nn.Module):
         dist = vectors.square().sum(1, keepdim=True) - 2.0 * vectors @ codes.T
         return torch.argmin(dist + codes.square().sum(1), dim=1)
 
-    def contribution(self, k: int, idx: torch.Tensor, side: int) -> torch.Tensor:
-        """Scale k's term of f_hat: codes looked up, upsampled to ``side``, phi-refined."""
+    def contribution(self, k: int, idx: torch.Tensor) -> torch.Tensor:
+        """Scale k's term of f_hat: codes looked up, bicubic-upsampled to p_K, phi-refined."""
         h = self.embedding(idx).permute(0, 3, 1, 2)
-        if h.shape[-1] != side:
-            h = F.interpolate(h, size=(side, side), mode="bicubic")
+        if self.patch_nums[k] != self.side:
+            up = getattr(self, f"upsample_{self.patch_nums[k]}")
+            h = up @ h @ up.T
         return self.phis[self.phi_of_scale[k]](h.contiguous())
 
     def forward(self, f: torch.Tensor) -> Quantized:
         batch, channels, side, _ = f.shape
+        if f.shape[-2:] != (self.side, self.side):
+            raise ValueError(f"latent map {tuple(f.shape)} is not {self.side} x {self.side}")
         f_rest = f.detach()
         f_hat = torch.zeros_like(f_rest)
         f_hats, indices, residuals = [], [], []
@@ -188,7 +205,7 @@ class MultiScaleQuantizer(nn.Module):
             rest = f_rest if pn == side else F.interpolate(f_rest, size=(pn, pn), mode="area")
             rest = rest.permute(0, 2, 3, 1).reshape(-1, channels)
             idx = self.nearest(rest).view(batch, pn, pn)
-            h = self.contribution(k, idx, side)
+            h = self.contribution(k, idx)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             # codebook term (moves codes and phi) + commitment (moves the encoder)
@@ -285,7 +302,7 @@ class MultiScaleVQVAE(nn.Module):
             if idx.shape[1:] != (self.patch_nums[k], self.patch_nums[k]):
                 raise ValueError(f"scale {k} index map has shape {tuple(idx.shape)}, expected "
                                  f"(B, {self.patch_nums[k]}, {self.patch_nums[k]})")
-            f_hat = f_hat + self.quantizer.contribution(k, idx.long(), side)
+            f_hat = f_hat + self.quantizer.contribution(k, idx.long())
         return f_hat
 
     def fhat_to_image(self, f_hat: torch.Tensor) -> torch.Tensor:
@@ -328,7 +345,7 @@ class MultiScaleVQVAE(nn.Module):
         The input is (B, p_{k+1}^2, C), or None after the last scale
         (VAR's get_next_autoregressive_input).
         """
-        f_hat = f_hat + self.quantizer.contribution(k, idx_k.long(), self.latent_side)
+        f_hat = f_hat + self.quantizer.contribution(k, idx_k.long())
         if k == len(self.patch_nums) - 1:
             return f_hat, None
         pn = self.patch_nums[k + 1]

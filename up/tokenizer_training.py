@@ -141,9 +141,9 @@ def train_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, tp: TokenizerP
     return state
 
 
-def psnr(mse: float) -> float:
-    """PSNR in dB of images in [0, 1]."""
-    return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [0, 1] (capped at 100 dB for a perfect match)."""
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 @torch.no_grad()
@@ -151,35 +151,37 @@ def evaluate_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, batch_size:
                        device: torch.device | str = "cpu") -> dict[str, Any]:
     """Reconstruction and codebook metrics on uint8 ``images``.
 
-    MSE and PSNR are on pixels in [0, 1]; psnr_k[k] decodes from the first k
-    scales only (k = K is the plain reconstruction); usage is the fraction of
-    the V codes used anywhere; perplexity = exp(entropy of the code frequencies).
+    Pixels are compared in [0, 1]. PSNR is the mean of per-image PSNRs (the
+    usual convention), MSE the mean over all pixels. psnr_k[k] decodes from
+    the first k scales only (k = K is the plain reconstruction); psnr_black is
+    an all-black image, the floor to compare the coarse scales with. Usage is
+    the fraction of the V codes used anywhere; perplexity = exp(entropy of the
+    code frequencies).
     """
     model.eval()
     num_scales = len(model.patch_nums)
-    sq_err = torch.zeros(num_scales, dtype=torch.float64)
-    black_err = 0.0
+    image_mse: list[list[torch.Tensor]] = [[] for _ in range(num_scales)]
+    black_mse = []
     counts = torch.zeros(model.vocab_size, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = to_float(images[start:start + batch_size]).to(device)
         indices = model.encode(x)
         for k in range(1, num_scales + 1):
-            image_k = model.partial_decode(indices, k)
-            sq_err[k - 1] += ((image_k - x) / 2).square().sum().item()
-        black_err += ((x + 1) / 2).square().sum().item()
+            err = ((model.partial_decode(indices, k) - x) / 2).square().flatten(1).mean(1)
+            image_mse[k - 1].append(err.double().cpu())
+        black_mse.append(((x + 1) / 2).square().flatten(1).mean(1).double().cpu())
         codes = torch.cat([idx.flatten() for idx in indices]).cpu()
         counts += torch.bincount(codes, minlength=model.vocab_size).double()
-    pixels = images.numel()
-    mse_k = (sq_err / pixels).tolist()
-    freq = counts / counts.sum()
-    entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum().item()
+    mse_k = [torch.cat(errs) for errs in image_mse]
+    psnr_k = [psnr(errs).mean().item() for errs in mse_k]
+    freq = counts[counts > 0] / counts.sum()
     return {
-        "mse": mse_k[-1],
-        "psnr": psnr(mse_k[-1]),
+        "mse": mse_k[-1].mean().item(),
+        "psnr": psnr_k[-1],
         "usage": float((counts > 0).double().mean()),
-        "perplexity": math.exp(entropy),
-        "psnr_k": {str(k + 1): psnr(m) for k, m in enumerate(mse_k)},
-        "psnr_black": psnr(black_err / pixels),
+        "perplexity": math.exp(-(freq * freq.log()).sum().item()),
+        "psnr_k": {str(k + 1): value for k, value in enumerate(psnr_k)},
+        "psnr_black": psnr(torch.cat(black_mse)).mean().item(),
         "images": len(images),
     }
 

@@ -91,7 +91,8 @@ class TokenSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, ids: torch.Tensor, device: torch.device):
+    def batch(self, ids: torch.Tensor, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels, teacher-forcing input, target indices) of the items ``ids``."""
         return (self.labels[ids].to(device), self.inputs(ids),
                 self.indices[ids].long().to(device))
@@ -130,10 +131,10 @@ def drop_labels(labels: torch.Tensor, p: float, null_class: int, seed: int, step
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay only the matrices of linear layers.
 
-    Biases, AdaLN-free norms, the q-scale of qk-norm, and the learned
-    embeddings (class, scale, position) are not shrunk towards zero: they are
-    offsets or lookup tables, not maps whose norm controls the function's
-    smoothness.
+    Biases, the learned q scale of qk-norm and the learned embeddings (class,
+    scale, position) are not shrunk towards zero: they are offsets, gains or
+    lookup tables, not maps whose norm controls the function's smoothness
+    (VAR exempts its position and level embeddings likewise).
     """
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     decay = [p for p in model.parameters() if id(p) in matrices]
