@@ -175,7 +175,8 @@ def test_var_input_matches_step_by_step_autoregressive_input():
         indices = model.encode(to_float(tiny_images(3)))
         teacher = model.indices_to_var_input(indices)
         assert teacher.shape == (3, 4 + 16, 4)
-        f_hat = torch.zeros(3, 4, 4, 4)
+        f_hat = model.empty_fhat(3)
+        assert f_hat.shape == (3, 4, 4, 4) and not f_hat.any()
         steps = []
         for k, idx in enumerate(indices):
             f_hat, nxt = model.next_var_input(k, f_hat, idx)

@@ -242,7 +242,7 @@ def test_stage_writes_outputs_and_learns(project):
     assert metrics["val"]["ce"] < math.log(V) - 0.3  # learned the class -> token structure
     assert 0 <= metrics["val"]["ece"] <= 1 and metrics["val"]["nll"] == pytest.approx(
         metrics["val"]["ce"], rel=1e-4)
-    assert metrics["speed"]["tokens_per_s"] > 0
+    assert metrics["speed"]["tokens_per_s"] > 0 and metrics["train"]["images"] == 12
     tsv = (project / "plots" / "train" / "ls-s0.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:3] == ["step", "lr", "loss"] and len(tsv) == 4
     val_ce = [float(line.split("\t")[-1]) for line in tsv[1:]]

@@ -295,9 +295,7 @@ class MultiScaleVQVAE(nn.Module):
         """The accumulated f_hat (B, C, h, w) of the given scales (a prefix of patch_nums)."""
         if len(indices) > len(self.patch_nums):
             raise ValueError(f"{len(indices)} index maps for {len(self.patch_nums)} scales")
-        first = indices[0]
-        side = self.latent_side
-        f_hat = torch.zeros(first.shape[0], self.latent_channels, side, side, device=first.device)
+        f_hat = self.empty_fhat(indices[0].shape[0])
         for k, idx in enumerate(indices):
             if idx.shape[1:] != (self.patch_nums[k], self.patch_nums[k]):
                 raise ValueError(f"scale {k} index map has shape {tuple(idx.shape)}, expected "
@@ -327,16 +325,17 @@ class MultiScaleVQVAE(nn.Module):
         For k = 1..K-1: f_hat after scales 1..k, area-downsampled to p_{k+1},
         flattened row-major; exactly what sampling builds with next_var_input.
         """
-        side = self.latent_side
-        first = indices[0]
-        f_hat = torch.zeros(first.shape[0], self.latent_channels, side, side, device=first.device)
-        inputs = []
+        f_hat = self.empty_fhat(indices[0].shape[0])
+        inputs = [f_hat.new_zeros(len(f_hat), 0, self.latent_channels)]
         for k in range(len(self.patch_nums) - 1):
             f_hat, nxt = self.next_var_input(k, f_hat, indices[k])
             inputs.append(nxt)
-        if not inputs:
-            return f_hat.new_zeros(first.shape[0], 0, self.latent_channels)
         return torch.cat(inputs, dim=1)
+
+    def empty_fhat(self, batch: int) -> torch.Tensor:
+        """The f_hat (B, C, p_K, p_K) before any scale: zeros on the model's device."""
+        side = self.latent_side
+        return self.quantizer.embedding.weight.new_zeros(batch, self.latent_channels, side, side)
 
     def next_var_input(self, k: int, f_hat: torch.Tensor,
                        idx_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -246,6 +246,13 @@ def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: i
     return scores
 
 
+def fixed_subset(n: int, k: int) -> torch.Tensor:
+    """k of n items drawn once with a fixed seed (the same for every run and
+    variant), in order. Splits are often sorted by class: a prefix is not a sample."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return perm[:k].sort().values
+
+
 def refit_temperatures(model: VAR, loss_fn: TokenLoss, calibrator: TemperatureCalibrator,
                        split: TokenSplit, ids: torch.Tensor, batch_size: int, bf16: bool) -> None:
     """Fit one temperature per scale on the held-out slice (current weights, no
@@ -428,7 +435,7 @@ def train(params: Params, name: str, seed: int, *, checkpoint: str | Path,
     if cfg.compile and device.type == "cuda":
         net = torch.compile(net)
     eval_model = ema.module if ema is not None else model
-    curve_ids = torch.arange(min(cfg.batch_size, len(val)))
+    curve_ids = fixed_subset(len(val), cfg.batch_size)  # a row costs a third of a step
     temp_names = [f"T_{p}x{p}" for p in model.patch_nums]
     tokens_per_step = cfg.batch_size * model.seq_len
 
@@ -487,7 +494,8 @@ def train(params: Params, name: str, seed: int, *, checkpoint: str | Path,
                     row.update(zip(temp_names, map(_fmt, loss_fn.temperatures.tolist()),
                                    strict=True))
                 log.rows.append(row)
-                bar.console.print(" ".join(f"{k} {v:.4g}" for k, v in row.items()))
+                line = " ".join(f"{k} {v:.4g}" for k, v in row.items())
+                bar.console.print(line, soft_wrap=True)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 rngs = [None] * ctx.world
                 if ctx.world > 1:
@@ -512,6 +520,10 @@ def train(params: Params, name: str, seed: int, *, checkpoint: str | Path,
                    fit_ids, log, tokens_per_step)
 
 
+def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, ema: EMA | None,
             loss_fn: TokenLoss, calibrator: TemperatureCalibrator | None, data: TokenSplit,
             val: TokenSplit, fit_ids: torch.Tensor, log: TrainLog, tokens_per_step: int
@@ -522,7 +534,8 @@ def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, e
     val_scores = score_tokens(eval_model, val, torch.arange(len(val)), cfg.batch_size, cfg.bf16,
                               meter)
     calib = meter.compute()
-    train_scores = score_tokens(eval_model, data, fit_ids[:len(val)], cfg.batch_size, cfg.bf16)
+    train_ids = fit_ids[fixed_subset(len(fit_ids), len(val))]
+    train_scores = score_tokens(eval_model, data, train_ids, cfg.batch_size, cfg.bf16)
     train_summary = train_scores.summary(model.patch_nums)
     temperatures = loss_fn.temperatures.detach().cpu().clone() if calibrator is not None else None
     final = log.rows[-1]
@@ -532,7 +545,7 @@ def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, e
                 "ece": float(calib["ece"]), "nll": float(calib["nll"]),
                 "brier": float(calib["brier"])},
         "train": {"ce": train_summary["ce"], "ce_per_scale": train_summary["ce_per_scale"],
-                  "images": min(len(val), len(fit_ids))},
+                  "images": len(train_ids)},
         "speed": {"steps_per_s": log.timed_steps / log.seconds,
                   "tokens_per_s": tokens_per_step * log.timed_steps / log.seconds,
                   "train_seconds": log.seconds},
@@ -542,9 +555,8 @@ def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, e
     if temperatures is not None:
         metrics["temperatures"] = {f"{p}x{p}": t for p, t in
                                    zip(model.patch_nums, temperatures.tolist(), strict=True)}
-    cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
-    saved = {"config": model.config(), "state_dict": cpu(model.state_dict()),
-             "ema_state_dict": None if ema is None else cpu(ema.module.state_dict()),
+    saved = {"config": model.config(), "state_dict": _to_cpu(model.state_dict()),
+             "ema_state_dict": None if ema is None else _to_cpu(ema.module.state_dict()),
              "variant": {"name": name, **params.variant(name).model_dump()},
              "temperatures": temperatures, "step": cfg.steps}
     return TrainResult(saved, metrics, log.rows)
