@@ -60,3 +60,43 @@ def test_prepare_then_exp_run_switches_source(tmp_path):
     run(["dvc", "exp", "run", "-n", "digits", "-S", "data.source=digits", "prepare"], project)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert '"images": 1797' in json.dumps(shown).replace("1797.0", "1797")
+
+
+def _launch_killed_repro(project, stage, checkpoint):
+    """Start `dvc repro STAGE`, SIGKILL its whole process group once a checkpoint exists."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.project import env
+
+    proc = subprocess.Popen(["dvc", "repro", stage], cwd=project, env=env(project.parent),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_training_resumes_through_dvc_repro(tmp_path):
+    import torch
+
+    tiny = {**TINY, "train": {**TINY["train"], "steps": 40, "save_every": 4, "log_every": 4},
+            "variants": {"ce": {"loss": "ce"}}}
+    killed = copy_project(tmp_path / "killed", tiny)
+    straight = copy_project(tmp_path / "straight", tiny)
+    run(["dvc", "repro", "tokenize"], killed)
+    run(["dvc", "repro", "tokenize"], straight)
+    checkpoint = killed / "checkpoints/var-ce-s0.pt"
+    _launch_killed_repro(killed, "train@ce-0", checkpoint)
+    assert checkpoint.exists() and not (killed / "models/var-ce-s0.pt").exists()
+    resumed = run(["dvc", "repro", "train@ce-0"], killed)
+    assert "resum" in (resumed.stdout + resumed.stderr).lower()
+    run(["dvc", "repro", "train@ce-0"], straight)
+    a = torch.load(killed / "models/var-ce-s0.pt", weights_only=False)["state_dict"]
+    b = torch.load(straight / "models/var-ce-s0.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
