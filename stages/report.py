@@ -13,6 +13,7 @@ from up.report import (
     SELECTIVE_COLUMNS,
     aggregate,
     grids_figure,
+    headline,
     markdown,
     reliability_figure,
     selective_figure,
@@ -45,6 +46,7 @@ def run(params: Params) -> None:
     fraction = fractions.pop() if len(fractions) == 1 else None
     save_text(markdown(summary, fraction), OUT / "summary.md")
     save_json(summary, OUT / "summary.json")
+    save_json(headline(summary), OUT / "metrics.json")
 
     save_figure(grids_figure({n: Path("samples") / n / "grid.png" for n in first.values()}),
                 OUT / "samples.png")

@@ -41,13 +41,26 @@ def test_metrics_show_lists_every_stage(repro):
         + prepare["splits"]["test"]["total"] == 1797
 
 
-def test_exp_run_with_override_is_listed(repro):
+@pytest.fixture(scope="module")
+def experiment(repro):
+    """The committed tiny run plus one `dvc exp run -S` experiment named lowdisp."""
     run(["git", "add", "-A"], repro)
     run(["git", "commit", "-qm", "baseline run"], repro)
     run(["dvc", "exp", "run", "-n", "lowdisp", "-S", "variants.up.lambda_disp=0.05"], repro)
+    return "lowdisp"
+
+
+def test_exp_run_with_override_is_listed(repro, experiment):
     rows = json.loads(run(["dvc", "exp", "show", "--json"], repro).stdout)
     text = json.dumps(rows)
-    assert "lowdisp" in text and "eval-up-s0.json" in text
+    assert experiment in text and "eval-up-s0.json" in text
+
+
+def test_plots_diff_overlays_the_experiment_curves(repro, experiment):
+    shown = json.loads(run(["dvc", "plots", "diff", "HEAD", experiment, "--json",
+                            "--targets", "plots/train/up-s0.tsv"], repro).stdout)
+    text = json.dumps(shown)
+    assert "plots/train/up-s0.tsv" in text and experiment in text and "HEAD" in text
 
 
 def test_prepare_then_exp_run_switches_source(tmp_path):

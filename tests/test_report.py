@@ -10,7 +10,7 @@ import yaml
 from up.config import load_params
 from up.errors import StageError
 from up.io import save_image_grid, save_json
-from up.report import MAIN_COLUMNS, SELECTIVE_COLUMNS
+from up.report import HEADLINE_KEYS, MAIN_COLUMNS, SELECTIVE_COLUMNS
 
 SCORES = ["entropy", "dispersion", "semantic_entropy", "random"]
 
@@ -76,6 +76,10 @@ def test_table_equals_metric_files_mean_and_std_over_seeds(tmp_path, monkeypatch
             assert cell == f"{mean:.4g} ± {std:.2g}"
     # ce: fid of seeds 0 and 1 is 10 and 11.5 -> 10.75 +- 1.06
     assert rows["ce"][0] == "10.75 ± 1.1"
+    headline = json.loads((tmp_path / "results/metrics.json").read_text())
+    assert list(headline) == ["ce", "up"] and list(headline["ce"]) == HEADLINE_KEYS
+    assert headline["ce"]["fid"] == pytest.approx(10.75)
+    assert headline["up"]["ece"] == pytest.approx(summary["up"]["metrics"]["ece"]["mean"])
     for name in ("samples.png", "reliability.png", "selective.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
 

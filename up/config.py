@@ -101,13 +101,13 @@ class TransformerParams(Section):
 
 class TrainParams(Section):
     launcher: str = Field("up", min_length=1)
-    steps: int = Field(400, ge=1)
+    steps: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
-    warmup_steps: int = Field(40, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     schedule: Literal["cosine", "linear"] = "cosine"
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: float = Field(2.0, ge=0)

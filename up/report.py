@@ -46,6 +46,18 @@ def aggregate(runs: dict[str, dict[int, dict]], keys: Sequence[str]) -> dict[str
     return summary
 
 
+# The figures `dvc exp show` lists per experiment (results/metrics.json).
+HEADLINE_KEYS = ["fid", "kid_mean", "is_mean", "precision", "recall", "diversity",
+                 "class_accuracy", "ece"]
+
+
+def headline(summary: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """Per variant, the mean over seeds of each headline figure: a small flat file,
+    so that experiment tables compare variants without the per-seed noise columns."""
+    return {variant: {key: entry["metrics"][key]["mean"] for key in HEADLINE_KEYS}
+            for variant, entry in summary.items()}
+
+
 def format_cell(entry: dict) -> str:
     if entry["mean"] is None:
         return "n/a"
