@@ -8,6 +8,8 @@ Usage (from the project root, after `pip install -e .`):
 Each stage runs as its own `dvc repro --single-item --force STAGE` process, so
 the wall time includes DVC's own overhead (hashing, cache) and the peak RSS is
 the largest resident set of any process of that stage (os.wait4 rusage).
+`checkpoints/` is emptied first: a forced stage would otherwise resume from
+its finished checkpoint and time nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    shutil.rmtree("checkpoints", ignore_errors=True)
     rows, total = [], 0.0
     for name in stage_names():
         wall, rss = run_stage(name)
