@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from tests.project import TINY, copy_project, run
 
@@ -50,10 +51,20 @@ def experiment(repro):
     return "lowdisp"
 
 
+HEADLINE = "fid|kid_mean|is_mean|precision|recall|diversity|class_accuracy|ece"
+
+
 def test_exp_run_with_override_is_listed(repro, experiment):
     rows = json.loads(run(["dvc", "exp", "show", "--json"], repro).stdout)
     text = json.dumps(rows)
-    assert experiment in text and "eval-up-s0.json" in text
+    assert experiment in text and "eval-up-s0.json" in text and "results/metrics.json" in text
+    # The README's command: only the headline figures of each variant, one row per experiment.
+    table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep",
+                 rf"Experiment|[^/:]+\.({HEADLINE})$"], repro).stdout.splitlines()
+    variants = yaml.safe_load((repro / "params.yaml").read_text())["variants"]
+    header = table[0].split(",")
+    assert header == ["Experiment"] + [f"{v}.{k}" for v in variants for k in HEADLINE.split("|")]
+    assert any(line.startswith(experiment) for line in table[1:])
 
 
 def test_plots_diff_overlays_the_experiment_curves(repro, experiment):
