@@ -8,8 +8,8 @@ Usage (from the project root, after `pip install -e .`):
 Each stage runs as its own `dvc repro --single-item --force STAGE` process, so
 the wall time includes DVC's own overhead (hashing, cache) and the peak RSS is
 the largest resident set of any process of that stage (os.wait4 rusage).
-`checkpoints/` is emptied first: a forced stage would otherwise resume from
-its finished checkpoint and time nothing.
+`checkpoints/` is emptied first: a checkpoint left by an interrupted run
+would make its stage resume and time only part of its work.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""tokenizer: train the multi-scale VQ-VAE, measure it, cluster its codebook."""
+"""tokenizer: train the multi-scale VQ-VAE, measure it, cluster its codebook.
+
+Like train@variant, it resumes a killed run from checkpoints/tokenizer.pt and
+removes that checkpoint once the outputs are written, so a later (forced) run
+trains afresh instead of reloading a finished state.
+"""
 
 from __future__ import annotations
 
@@ -63,3 +68,4 @@ def run(params: Params) -> None:
               "metrics/tokenizer.json")
     save_tsv(state.curves, "plots/tokenizer/curves.tsv")
     save_image_grid(grid, "plots/tokenizer/grid.png", nrow=len(shown))
+    CHECKPOINT.unlink(missing_ok=True)

@@ -323,6 +323,7 @@ def test_stages_train_tokenize_and_decode(tmp_path, monkeypatch):
     for out in ["models/tokenizer.pt", "models/tokenizer.params.json", "metrics/tokenizer.json",
                 "plots/tokenizer/curves.tsv", "plots/tokenizer/grid.png"]:
         assert (tmp_path / out).is_file(), out
+    assert not (tmp_path / "checkpoints/tokenizer.pt").exists()  # removed once done
     code_to_cluster, num = load_code_clusters("models/tokenizer.pt")
     assert num == 4 and code_to_cluster.shape == (16,) and code_to_cluster.max() < 4
     assert len((tmp_path / "plots/tokenizer/curves.tsv").read_text().splitlines()) == 1 + 6
