@@ -1,11 +1,17 @@
 """End to end: the real `dvc repro` and `dvc exp run` on a tiny configuration."""
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
+import torch
 import yaml
 
-from tests.project import TINY, copy_project, run
+from tests.project import TINY, copy_project, env, run
+from up.report import HEADLINE_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,7 @@ def experiment(repro):
     return "lowdisp"
 
 
-HEADLINE = "fid|kid_mean|is_mean|precision|recall|diversity|class_accuracy|ece"
+HEADLINE = "|".join(HEADLINE_KEYS)
 
 
 def test_exp_run_with_override_is_listed(repro, experiment):
@@ -88,13 +94,6 @@ def test_prepare_then_exp_run_switches_source(tmp_path):
 
 def _launch_killed_repro(project, stage, checkpoint):
     """Start `dvc repro STAGE`, SIGKILL its whole process group once a checkpoint exists."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from tests.project import env
-
     proc = subprocess.Popen(["dvc", "repro", stage], cwd=project, env=env(project.parent),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -107,8 +106,6 @@ def _launch_killed_repro(project, stage, checkpoint):
 
 
 def test_killed_training_resumes_through_dvc_repro(tmp_path):
-    import torch
-
     tiny = {**TINY, "train": {**TINY["train"], "steps": 40, "save_every": 4, "log_every": 4},
             "variants": {"ce": {"loss": "ce"}}}
     killed = copy_project(tmp_path / "killed", tiny)
