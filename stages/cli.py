@@ -79,6 +79,12 @@ def tokenize() -> None:
 
 
 @app.command()
+def reference() -> None:
+    """Count codes per context: the empirical reference of `up`."""
+    _run("reference")
+
+
+@app.command()
 def evaluator() -> None:
     """Train the feature network used for offline FID/KID/IS/PR."""
     _run("evaluator")

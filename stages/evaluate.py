@@ -23,8 +23,8 @@ from up.report import reliability_figure, selective_figure
 from up.runtime import resolve_device
 from up.selective import class_accuracy, class_diversity, kept_count, selective_curves
 from up.tokenizer import load_tokenizer
-from up.train import load_split, predict
-from up.transformer import load_var
+from up.tokens import load_token_split, predict
+from up.transformer import load_var_and_temperatures
 
 EVALUATOR = Path("models/evaluator.pt")
 TOKENIZER = Path("models/tokenizer.pt")
@@ -43,11 +43,12 @@ def calibration(params: Params, variant: str, seed: int, device: torch.device
     """ECE, NLL, Brier, top-1 accuracy and reliability bins of the token predictions
     on every val token (true labels, no guidance), accumulated batch by batch."""
     tokenizer = load_tokenizer(TOKENIZER, device)
-    var = load_var(Path("models") / f"var-{variant}-s{seed}.pt", ema=True).to(device)
-    val = load_split("data/tokens/val.pt", tokenizer, device)
+    var, temperatures = load_var_and_temperatures(Path("models") / f"var-{variant}-s{seed}.pt")
+    var = var.to(device)
+    val = load_token_split("data/tokens/val.pt", tokenizer, device)
     meter = CalibrationMeter(params.evaluate.ece_bins)
     for logits, targets in predict(var, val, torch.arange(len(val)), params.train.batch_size,
-                                   params.train.bf16):
+                                   params.train.bf16, temperatures):
         meter.update(logits, targets)
     calib = meter.compute()
     figures = {"ece": calib["ece"], "nll": calib["nll"], "brier": calib["brier"],

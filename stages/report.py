@@ -27,7 +27,7 @@ def _read_json(path: Path):
 
 
 def run(params: Params) -> None:
-    names = {v: [f"{v}-s{s}" for s in params.seeds] for v in params.variants}
+    names = {v: [f"{v}-s{s}" for s in params.seeds] for v in params.runs}
     first = {v: ns[0] for v, ns in names.items()}  # figures: the first seed of each variant
     needed = [Path(f"metrics/eval-{n}.json") for ns in names.values() for n in ns]
     needed += [p for n in first.values() for p in (Path("samples") / n / "grid.png",
@@ -39,7 +39,7 @@ def run(params: Params) -> None:
                          "(run `dvc repro`, or `up sample` / `up evaluate` for them)")
 
     runs = {v: {s: _read_json(Path(f"metrics/eval-{v}-s{s}.json")) for s in params.seeds}
-            for v in params.variants}
+            for v in params.runs}
     keys = [k for k, _ in MAIN_COLUMNS + SELECTIVE_COLUMNS] + ["kid_std", "is_std"]
     summary = aggregate(runs, keys)
     fractions = {r.get("selective_fraction") for by_seed in runs.values() for r in by_seed.values()}

@@ -18,7 +18,7 @@ from up.io import save_figure, save_image_grid, save_json, save_torch
 from up.runtime import progress, resolve_device
 from up.sampling import sample
 from up.tokenizer import load_code_clusters, load_tokenizer
-from up.transformer import load_var
+from up.transformer import load_var_and_temperatures
 from up.uncertainty import MEASURES, aggregate
 
 TOKENIZER = Path("models/tokenizer.pt")
@@ -91,7 +91,8 @@ def run(params: Params, variant: str, seed: int) -> None:
 
     tokenizer = load_tokenizer(TOKENIZER, device)
     code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
-    var = load_var(checkpoint, ema=True).to(device)
+    var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
+    var = var.to(device)
     num_classes = var.num_classes
     classes = torch.arange(num_classes).repeat_interleave(sp.n_per_class)
     labels = torch.full_like(classes, -1) if sp.unconditional else classes
@@ -99,7 +100,8 @@ def run(params: Params, variant: str, seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     bf16 = device.type == "cuda" and params.train.bf16
     kwargs = dict(cfg=sp.cfg, cfg_schedule=sp.cfg_schedule, top_k=sp.top_k, top_p=sp.top_p,
-                  temperature=sp.temperature, code_to_cluster=code_to_cluster,
+                  temperature=sp.temperature, scale_temperatures=scale_temperatures,
+                  code_to_cluster=code_to_cluster,
                   num_clusters=num_clusters)
     with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
         result = sample_many(var, tokenizer, labels, sp.batch_size, generator,
@@ -108,7 +110,8 @@ def run(params: Params, variant: str, seed: int) -> None:
 
     config = dict(variant=variant, seed=seed, checkpoint=str(checkpoint), tokenizer=str(TOKENIZER),
                   num_images=len(labels), num_classes=num_classes, kappa=1.0, device=str(device),
-                  bf16=bf16, **sp.model_dump())
+                  bf16=bf16, scale_temperatures=None if scale_temperatures is None
+                  else scale_temperatures.tolist(), **sp.model_dump())
     if sp.save_pngs:
         for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
             save_image_grid(img[None], out / "png" / f"{i:05d}_c{label}.png", nrow=1, padding=0)

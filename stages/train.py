@@ -1,6 +1,8 @@
 """train@variant: train the VAR transformer with one variant's loss and seed.
 
-The checkpoint lives in checkpoints/, outside every DVC output, because DVC
+Variants under `derived` are built from the `teacher` model: `loss: ts` fits
+its per-scale temperatures (no training), `reference: teacher` trains against
+it. The checkpoint lives in checkpoints/, outside every DVC output, because DVC
 deletes a stage's outputs before running it: a killed `dvc repro` resumes
 from it. It is removed once the outputs are written, so a later run (after
 a code change, say) trains afresh instead of reloading a finished state.
@@ -9,22 +11,39 @@ Under torchrun every process runs this; rank 0 writes the outputs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from up import paths
 from up.config import Params
 from up.io import save_json, save_torch, save_tsv
 from up.runtime import resolve_device
-from up.train import distributed, resolved_params, train
+from up.train import (
+    RunPaths,
+    build_run,
+    distributed,
+    finish,
+    resolved_params,
+    temperature_scale,
+    train,
+)
 
 
 def run(params: Params, variant: str, seed: int) -> None:
-    tag = f"{variant}-s{seed}"
-    checkpoint = Path(f"checkpoints/var-{tag}.pt")
-    with distributed(resolve_device(params.device).type) as ctx:
-        result = train(params, variant, seed, checkpoint=checkpoint, ctx=ctx)
-    if result is None:
-        return
-    model = Path(f"models/var-{tag}.pt")
+    tag = paths.run_tag(variant, seed)
+    checkpoint = paths.CHECKPOINTS / f"var-{tag}.pt"
+    spec = params.variant(variant)
+    run_paths = RunPaths(checkpoint, paths.TOKENS, paths.TOKENIZER,
+                         teacher=paths.model(params.teacher, seed) if variant in params.derived
+                         else None,
+                         reference=paths.REFERENCE)
+    if spec.loss == "ts":
+        result = temperature_scale(params, variant, seed, run_paths)
+    else:
+        with distributed(resolve_device(params.device).type) as ctx:
+            state = build_run(params, variant, seed, run_paths, ctx)
+            train(state, checkpoint)
+            if not ctx.main:
+                return
+            result = finish(state, params)
+    model = paths.model(variant, seed)
     save_torch(result.model, model)
     save_json(resolved_params(params, variant, seed), model.with_suffix(".params.json"))
     save_json(result.metrics, f"metrics/train-{tag}.json")

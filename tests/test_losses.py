@@ -228,7 +228,7 @@ def test_fused_loss_matches_composition_of_public_functions(penalty, reference, 
     if reference == "calibrated":
         inv_temp = (1 / loss.temperatures.to(D))[SCALES].expand(3, 5).reshape(-1, 1)
     outputs = _UncertaintyPreserving.apply(
-        logits.reshape(-1, V), targets.reshape(-1), inv_temp, loss.smoothing, loss.kappa,
+        logits.reshape(-1, V), targets.reshape(-1), inv_temp, None, loss.smoothing, loss.kappa,
         penalty, semantic, CLUSTERS, C)
     upstream = torch.randn(3, 15, dtype=D)
     got = sum((out * g).sum() for out, g in zip(outputs, upstream, strict=True))
@@ -357,3 +357,59 @@ def test_fit_temperature_is_the_nll_minimiser():
     assert nll(best) <= min(nll(best * 0.999), nll(best * 1.001))
     # Every prediction right: the NLL falls as T -> 0, T stops at its bound.
     assert fit_temperature(logits, logits.argmax(-1), bounds=(0.1, 50.0)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("penalty", ["w2", "variance"])
+def test_given_reference_with_per_token_kappa_equals_plain_composition(penalty):
+    """The fused loss with a caller-given p_ref and per-token kappa (teacher, empirical)
+    equals CE + dispersion_penalty + SE match computed by autograd, value and gradient."""
+    torch.manual_seed(3)
+    V, C = 16, 4
+    c2c = torch.arange(V) % C
+    z = torch.randn(3, 5, V, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (3, 5))
+    ref = torch.softmax(torch.randn(3, 5, V, dtype=torch.float64), -1)
+    kappa = torch.rand(3, 5, dtype=torch.float64) * 10 + 1
+    loss = UncertaintyPreservingLoss(reference="teacher", penalty=penalty, lambda_disp=1.0,
+                                     lambda_se=1.0, code_to_cluster=c2c, num_clusters=C)
+    total, _ = loss(z, y, reference=(ref, kappa))
+    p = z.softmax(-1)
+    plain = (F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(3, 5)
+             + dispersion_penalty(p, ref, kappa, penalty)
+             + (semantic_entropy(p, c2c, C) - semantic_entropy(ref, c2c, C)).square())
+    assert torch.allclose(total, plain, atol=1e-12)
+    g_fused, = torch.autograd.grad(total.sum(), z)
+    g_plain, = torch.autograd.grad(plain.sum(), z)
+    assert torch.allclose(g_fused, g_plain, atol=1e-12)
+
+
+def test_reference_that_differs_moves_dispersion_towards_it():
+    """With p_ref flatter than p, the up gradient is not CE's, and a step along it
+    (minus CE's step) raises the model's Dirichlet variance towards the reference's."""
+    torch.manual_seed(0)
+    V = 32
+    z = (torch.randn(64, V, dtype=torch.float64) * 3).requires_grad_()
+    y = z.detach().argmax(-1)
+    ref = torch.softmax(z.detach() / 3.0, -1)  # same ranking, far wider
+    loss = UncertaintyPreservingLoss(reference="teacher", lambda_disp=1.0, lambda_se=0.0)
+    total, parts = loss(z, y, reference=(ref, None))
+    g_up, = torch.autograd.grad(total.sum(), z)
+    g_ce, = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum"), z)
+    assert not torch.allclose(g_up, g_ce)
+    assert parts["disp"].min() > 0
+    step = -(g_up - g_ce)  # the penalty's own descent direction
+    var = dirichlet_variance(z.detach().softmax(-1), 1.0).sum(-1)
+    moved = dirichlet_variance((z.detach() + 1e-2 * step).softmax(-1), 1.0).sum(-1)
+    ref_var = dirichlet_variance(ref, 1.0).sum(-1)
+    assert (ref_var > var).all() and (moved > var).all()
+    gap_after = dispersion_penalty((z.detach() + 1e-2 * step).softmax(-1), ref, 1.0)
+    assert (gap_after < parts["disp"]).all()
+
+
+def test_reference_argument_is_required_exactly_when_the_reference_is_external():
+    z, y = torch.randn(2, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="needs reference"):
+        UncertaintyPreservingLoss(reference="empirical", lambda_se=0.0)(z, y)
+    with pytest.raises(ValueError, match="takes no"):
+        UncertaintyPreservingLoss(reference="smoothed", lambda_se=0.0)(
+            z, y, reference=(z.softmax(-1), None))

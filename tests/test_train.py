@@ -12,9 +12,12 @@ from up.errors import StageError
 from up.io import load_torch, save_torch
 from up.runtime import setup
 from up.tokenizer import MultiScaleVQVAE
+from up.tokens import TeacherForcing, training_ids
 from up.train import (
-    TeacherForcing,
+    RunPaths,
+    build_run,
     drop_labels,
+    finish,
     param_groups,
     token_weights,
     train,
@@ -50,9 +53,11 @@ def tiny_params(train=None, up=None, transformer=None) -> dict:
         "seed": 0, "threads": 1, "device": "cpu", "data": {"source": "digits"},
         "transformer": {"depth": 2, "width": 32, "heads": 2, **(transformer or {})},
         "train": {"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "save_every": 2,
-                  "log_every": 2, **(train or {})},
+                  "log_every": 2, "calib_fraction": 0.2, **(train or {})},
         "variants": {"ce": {"loss": "ce"}, "ls": {"loss": "ls", "epsilon": 0.1},
-                     "up": {"loss": "up", "calib_every": 3, "calib_fraction": 0.2, **(up or {})}},
+                     "up": {"loss": "up", "calib_every": 3, **(up or {})}},
+        "derived": {"ce+ts": {"loss": "ts"},
+                    "up_teacher": {"loss": "up", "reference": "teacher", "lambda_disp": 2.0}},
     }
 
 
@@ -62,10 +67,18 @@ def project(tmp_path, monkeypatch):
     return make_project(tmp_path)
 
 
-def run(root, params: dict, variant="ce", checkpoint="ckpt.pt"):
+def run_paths(root, checkpoint="ckpt.pt", teacher=None) -> RunPaths:
+    return RunPaths(root / checkpoint, root / "data" / "tokens", root / "models" / "tokenizer.pt",
+                    teacher=teacher)
+
+
+def run(root, params: dict, variant="ce", checkpoint="ckpt.pt", teacher=None):
+    """build_run + train + finish, as the train stage composes them."""
     setup(0, 1)
-    return train(Params(**params), variant, 0, checkpoint=root / checkpoint,
-                 tokens_dir=root / "data" / "tokens", tokenizer_path=root / "models" / "tokenizer.pt")
+    paths = run_paths(root, checkpoint, teacher)
+    state = build_run(Params(**params), variant, 0, paths)
+    train(state, paths.checkpoint)
+    return finish(state, Params(**params))
 
 
 class Interrupted(Exception):
@@ -82,9 +95,9 @@ def failing_loss(monkeypatch, at_call: int, action: str):
         loss = build(*args, **kwargs)
         forward, calls = loss.forward, [0]
 
-        def forward_once(logits, targets):
+        def forward_once(logits, targets, **kwargs):
             calls[0] += 1
-            total, parts = forward(logits, targets)
+            total, parts = forward(logits, targets, **kwargs)
             if calls[0] == at_call:
                 if action == "interrupt":
                     raise Interrupted
@@ -243,6 +256,7 @@ def test_stage_writes_outputs_and_learns(project):
     assert 0 <= metrics["val"]["ece"] <= 1 and metrics["val"]["nll"] == pytest.approx(
         metrics["val"]["ce"], rel=1e-4)
     assert metrics["speed"]["tokens_per_s"] > 0 and metrics["train"]["images"] == 12
+    assert metrics["train_images"] == 32  # 40 minus the calibration slice of 20 %
     tsv = (project / "plots" / "train" / "ls-s0.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:3] == ["step", "lr", "loss"] and len(tsv) == 4
     val_ce = [float(line.split("\t")[-1]) for line in tsv[1:]]
@@ -288,3 +302,71 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(project):
         assert torch.equal(value, resumed["state_dict"][name]), name
     rows = (project / "plots" / "train" / "ce-s0.tsv").read_text().splitlines()
     assert [int(r.split("\t")[0]) for r in rows[1:]] == [25, 50, 75, 100, 125, 150]
+
+
+def test_calibration_slice_is_disjoint_seeded_and_shared(project):
+    labels = torch.arange(100) % 5
+    fit, calib = training_ids(labels, 0.2, 0, seed=0)
+    assert len(calib) == 20 and len(fit) == 80
+    assert not set(fit.tolist()) & set(calib.tolist())
+    assert torch.equal(training_ids(labels, 0.2, 0, seed=0)[1], calib)
+    small, calib_small = training_ids(labels, 0.2, 3, seed=0)
+    assert torch.equal(calib_small, calib)  # the slice does not depend on images_per_class
+    assert torch.bincount(labels[small]).tolist() == [3] * 5
+    # every variant, and every training seed, trains on the same images
+    params = Params(**tiny_params())
+    ids = {(v, s): build_run(params, v, s, run_paths(project)).fit_ids
+           for v in ("ce", "ls", "up") for s in (0, 1)}
+    first = ids[("ce", 0)]
+    assert all(torch.equal(first, other) for other in ids.values())
+    assert len(first) == 32
+
+
+def test_teacher_reference_is_frozen_and_changes_the_gradient(project):
+    import stages.train
+
+    params = tiny_params(train={"steps": 4})
+    (project / "models").mkdir(exist_ok=True)
+    setup(0, 1)
+    stages.train.run(Params(**params), "ce", 0)  # writes models/var-ce-s0.pt
+    teacher_file = project / "models" / "var-ce-s0.pt"
+    before = {k: v.clone() for k, v in load_torch(teacher_file)["state_dict"].items()}
+
+    state = build_run(Params(**params), "up_teacher", 0, run_paths(project, teacher=teacher_file))
+    teacher = state.reference.model
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not torch.equal(state.reference.temperatures, torch.ones(3))  # fitted once
+    train(state, project / "ckpt.pt")
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert state.log.rows[-1]["disp"] > 0  # the teacher differs from the student
+
+    # The same batch and weights: the up gradient is not the CE gradient.
+    labels, inputs, targets = state.data.batch(state.fit_ids[:8], state.device)
+    logits = state.model(labels, inputs)
+    ref = state.reference(labels, inputs, targets)
+    up_total, _ = state.loss_fn(logits, targets, reference=ref)
+    g_up = torch.autograd.grad(up_total.mean(), logits, retain_graph=True)[0]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    g_ce = torch.autograd.grad(ce, logits)[0]
+    assert not torch.allclose(g_up, g_ce, atol=1e-6)
+
+
+def test_ts_variant_scales_the_teacher(project):
+    import stages.train
+
+    params = tiny_params(train={"steps": 4})
+    setup(0, 1)
+    stages.train.run(Params(**params), "ce", 0)
+    stages.train.run(Params(**params), "ce+ts", 0)
+    teacher = load_torch(project / "models" / "var-ce-s0.pt")
+    scaled = load_torch(project / "models" / "var-ce+ts-s0.pt")
+    for name, value in teacher["state_dict"].items():
+        assert torch.equal(value, scaled["state_dict"][name]), name
+    temps = scaled["logit_temperatures"]
+    assert temps.shape == (3,) and (temps > 0).all() and not torch.equal(temps, torch.ones(3))
+    m_ce = json.loads((project / "metrics" / "train-ce-s0.json").read_text())
+    m_ts = json.loads((project / "metrics" / "train-ce+ts-s0.json").read_text())
+    # temperature scaling keeps every argmax, so the token accuracy is unchanged
+    assert m_ts["val"]["accuracy"] == pytest.approx(m_ce["val"]["accuracy"])
+    assert m_ts["val"]["ce"] != pytest.approx(m_ce["val"]["ce"])

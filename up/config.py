@@ -118,6 +118,8 @@ class TrainParams(Section):
     log_every: int = Field(20, ge=1)
     bf16: bool = True
     compile: bool = False
+    calib_fraction: float = Field(0.05, ge=0, lt=0.5)  # held out of every variant's training
+    images_per_class: int = Field(0, ge=0)  # train on the first n of each class (0 = all)
 
 
 class CEVariant(Section):
@@ -140,14 +142,30 @@ class UPVariant(Section):
     lambda_disp: float = Field(0.5, ge=0)
     lambda_se: float = Field(0.1, ge=0)
     penalty: Literal["w2", "variance"] = "w2"
-    reference: Literal["calibrated", "smoothed"] = "calibrated"
+    reference: Literal["calibrated", "smoothed", "teacher", "empirical"] = "calibrated"
     smoothing: float = Field(0.1, gt=0, lt=1)
     semantic: Literal["match", "nll"] = "match"
     calib_every: int = Field(50, ge=1)
-    calib_fraction: float = Field(0.05, gt=0, lt=0.5)
 
 
-Variant = Annotated[CEVariant | LSVariant | LRVariant | UPVariant, Field(discriminator="loss")]
+class TSVariant(Section):
+    """Post-hoc temperature scaling of the teacher model: no training."""
+
+    loss: Literal["ts"]
+
+
+Variant = Annotated[CEVariant | LSVariant | LRVariant | UPVariant | TSVariant,
+                    Field(discriminator="loss")]
+LOSS_TAGS = ("ce", "ls", "lr", "up", "ts")
+
+
+class ReferenceParams(Section):
+    """The empirical reference: candidate contexts and Dirichlet prior masses a_0,
+    the pair with the lowest held-out NLL is used."""
+
+    contexts: list[Literal["scale", "parent", "scale_class", "parent_class"]] = \
+        ["parent", "parent_class"]
+    priors: list[Annotated[float, Field(gt=0)]] = [1.0, 10.0, 100.0]
 
 
 class SampleParams(Section):
@@ -202,6 +220,9 @@ class Params(BaseSettings):
     transformer: TransformerParams = TransformerParams()
     train: TrainParams = TrainParams()
     variants: dict[str, Variant] = Field(default_factory=lambda: {"ce": CEVariant(loss="ce")})
+    teacher: str = "ce"
+    derived: dict[str, Variant] = Field(default_factory=dict)
+    reference: ReferenceParams = ReferenceParams()
     sample: SampleParams = SampleParams()
     evaluator: EvaluatorParams = EvaluatorParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -218,10 +239,36 @@ class Params(BaseSettings):
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=params_path())
         return init_settings, env_settings, yaml_source
 
-    def variant(self, name: str) -> CEVariant | LSVariant | LRVariant | UPVariant:
-        if name not in self.variants:
-            raise ParamsError([f"variant {name!r} is not declared; declared: {sorted(self.variants)}"])
-        return self.variants[name]
+    @model_validator(mode="after")
+    def _variant_groups(self) -> Params:
+        """`variants` train from the data; `derived` are built from the `teacher`
+        model (post-hoc temperature scaling, or training against it), so DVC can
+        order them after it."""
+        for name, v in self.variants.items():
+            if v.loss == "ts" or getattr(v, "reference", None) == "teacher":
+                raise ValueError(f"variants.{name} needs the teacher model: declare it under "
+                                 "`derived`")
+        for name, v in self.derived.items():
+            if not (v.loss == "ts" or getattr(v, "reference", None) == "teacher"):
+                raise ValueError(f"derived.{name}: only loss ts or reference teacher belong "
+                                 "here; declare it under `variants`")
+        if self.derived and self.teacher not in self.variants:
+            raise ValueError(f"teacher={self.teacher!r} is not one of variants "
+                             f"{sorted(self.variants)}")
+        both = sorted(set(self.variants) & set(self.derived))
+        if both:
+            raise ValueError(f"{both} declared under both variants and derived")
+        return self
+
+    @property
+    def runs(self) -> dict[str, CEVariant | LSVariant | LRVariant | UPVariant | TSVariant]:
+        """Every evaluated variant: the trained ones, then the derived ones."""
+        return {**self.variants, **self.derived}
+
+    def variant(self, name: str) -> CEVariant | LSVariant | LRVariant | UPVariant | TSVariant:
+        if name not in self.runs:
+            raise ParamsError([f"variant {name!r} is not declared; declared: {sorted(self.runs)}"])
+        return self.runs[name]
 
 
 class ParamsError(Exception):
@@ -243,7 +290,7 @@ def params_path() -> Path:
 
 def _describe(error: dict) -> str:
     loc = list(error["loc"])
-    if len(loc) >= 3 and loc[0] == "variants" and loc[2] in ("ce", "ls", "lr", "up"):
+    if len(loc) >= 3 and loc[0] in ("variants", "derived") and loc[2] in LOSS_TAGS:
         del loc[2]  # pydantic repeats the discriminator tag; users never wrote it
     key = ".".join(str(part) for part in loc) or "<root>"
     given = "missing" if error["type"] == "missing" else repr(error.get("input"))

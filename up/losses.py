@@ -85,12 +85,15 @@ def label_relaxation_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: fl
 # Second-order dispersion and semantic entropy
 
 
-def dirichlet_variance(probs: torch.Tensor, kappa: float) -> torch.Tensor:
-    """Per-coordinate variance of Dir(kappa * p): p (1 - p) / (kappa + 1)."""
+def dirichlet_variance(probs: torch.Tensor, kappa: float | torch.Tensor) -> torch.Tensor:
+    """Per-coordinate variance of Dir(kappa * p): p (1 - p) / (kappa + 1).
+    ``kappa`` is a number or one evidence mass per distribution (probs.shape[:-1])."""
+    if torch.is_tensor(kappa):
+        kappa = kappa.unsqueeze(-1)
     return probs * (1.0 - probs) / (kappa + 1.0)
 
 
-def dispersion_penalty(probs: torch.Tensor, ref_probs: torch.Tensor, kappa: float,
+def dispersion_penalty(probs: torch.Tensor, ref_probs: torch.Tensor, kappa: float | torch.Tensor,
                        kind: str = "w2") -> torch.Tensor:
     """Gap between the second-order dispersion of ``probs`` and ``ref_probs``.
 
@@ -152,7 +155,7 @@ class _UncertaintyPreserving(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, inv_temp, smoothing, kappa, penalty, semantic,
+    def forward(ctx, logits, targets, inv_temp, given_ref, smoothing, kappa, penalty, semantic,
                 code_to_cluster, num_clusters):
         n, vocab = logits.shape
         rows = targets.unsqueeze(1)
@@ -168,7 +171,9 @@ class _UncertaintyPreserving(torch.autograd.Function):
         ce = (logits.amax(1) - logits.gather(1, rows).squeeze(1)) - probs.amax(1).log()
 
         scratch = ref = None
-        if need_ref and inv_temp is not None:  # calibrated: softmax(stopgrad(z) / T)
+        if need_ref and given_ref is not None:  # teacher / empirical: computed by the caller
+            ref = stacked[1].copy_(given_ref)
+        elif need_ref and inv_temp is not None:  # calibrated: softmax(stopgrad(z) / T)
             scratch = logits * inv_temp
             ref = torch.softmax(scratch, 1, out=stacked[1])
         elif need_ref:  # smoothed: (1 - eps) onehot(y) + eps / V
@@ -202,12 +207,15 @@ class _UncertaintyPreserving(torch.autograd.Function):
         # W2 term is shrink * sum (sqrt u - sqrt u_ref)^2, shrink = 1 / (kappa
         # + 1) kept out of the (N, V) passes. dpen = its derivative in p over
         # shrink, (N, V) in ref's memory; for "variance" the derivative is a
-        # per-row multiple of p and dpen_row holds the multiplier.
+        # per-row multiple of p and dpen_row holds the multiplier. kappa is a
+        # number, or one evidence mass per row (N,) (the empirical reference);
+        # then the floor is that of the largest shrink, so that no row's
+        # variance is floored above VAR_FLOOR.
         disp = logits.new_zeros(0)
         dpen = dpen_row = None
         shrink = 1.0 / (kappa + 1.0)
         if penalty == "w2":
-            floor = VAR_FLOOR / shrink
+            floor = VAR_FLOOR / (float(shrink.max()) if torch.is_tensor(shrink) else shrink)
             std = torch.addcmul(probs, probs, probs, value=-1.0, out=scratch)
             std.clamp_min_(floor).sqrt_()
             ref_std = torch.addcmul(ref, ref, ref, value=-1.0, out=ref).clamp_min_(floor).sqrt_()
@@ -257,7 +265,7 @@ class _UncertaintyPreserving(torch.autograd.Function):
             dot = grad.sum(1) - g_ce
             grad.addcmul_(probs, dot.unsqueeze(1), value=-1.0)
         grad.scatter_add_(1, targets.unsqueeze(1), -g_ce.unsqueeze(1))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------
@@ -276,6 +284,7 @@ class TokenLoss(nn.Module):
     """
 
     needs_calibration = False  # True: the loop refits self.temperatures
+    needs_reference = False  # True: forward takes reference=(p_ref, kappa_ref)
 
     @staticmethod
     def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -315,14 +324,23 @@ class LabelRelaxation(TokenLoss):
         return _relaxation(log_p_y, self.alpha), {"ce": -log_p_y.detach()}
 
 
+REFERENCES = ("calibrated", "smoothed", "teacher", "empirical")
+
+
 class UncertaintyPreservingLoss(TokenLoss):
     """CE + lambda_disp * dispersion penalty + lambda_se * semantic term (METHOD.md §3).
 
-    ``reference="calibrated"`` compares with p_ref = softmax(stopgrad(z) / T_s),
-    T_s the temperature of the position's scale, held in the ``temperatures``
-    buffer (1 at start, so both terms start at 0) and refitted by the caller
-    with :class:`TemperatureCalibrator`. ``"smoothed"`` compares with
-    (1 - smoothing) onehot(y) + smoothing / V. ``semantic="match"`` penalises
+    The reference p_ref:
+    ``"calibrated"``: softmax(stopgrad(z) / T_s), T_s the temperature of the
+    position's scale, held in the ``temperatures`` buffer (1 at start, so both
+    terms start at 0) and refitted by the caller with
+    :class:`TemperatureCalibrator`. ``"smoothed"``: (1 - smoothing) onehot(y)
+    + smoothing / V. ``"teacher"`` and ``"empirical"`` do not move with the
+    model: the caller computes p_ref (a frozen teacher's tempered softmax;
+    Dirichlet-smoothed counts given a context) and passes it to forward as
+    ``reference=(p_ref, kappa_ref)``; kappa_ref (per token, the counts'
+    evidence) replaces ``kappa`` when given, so model and reference are
+    compared at equal evidence. ``semantic="match"`` penalises
     (SE(p) - SE(p_ref))^2, ``"nll"`` is -log P(c(y)). A term whose lambda is
     0 is neither computed nor reported.
 
@@ -342,8 +360,8 @@ class UncertaintyPreservingLoss(TokenLoss):
             raise ValueError(f"lambda_disp={lambda_disp} and lambda_se={lambda_se} must be >= 0")
         if penalty not in ("w2", "variance"):
             raise ValueError(f"unknown penalty {penalty!r}; allowed: w2, variance")
-        if reference not in ("calibrated", "smoothed"):
-            raise ValueError(f"unknown reference {reference!r}; allowed: calibrated, smoothed")
+        if reference not in REFERENCES:
+            raise ValueError(f"unknown reference {reference!r}; allowed: {', '.join(REFERENCES)}")
         if semantic not in ("match", "nll"):
             raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
         if reference == "smoothed" and not 0.0 < smoothing < 1.0:
@@ -353,6 +371,7 @@ class UncertaintyPreservingLoss(TokenLoss):
         self.semantic = semantic if lambda_se > 0 else None
         self.reference, self.smoothing = reference, smoothing
         self.needs_calibration = reference == "calibrated"
+        self.needs_reference = reference in ("teacher", "empirical")
 
         if self.semantic is not None:
             if code_to_cluster is None or num_clusters is None:
@@ -370,19 +389,30 @@ class UncertaintyPreservingLoss(TokenLoss):
             self.register_buffer("scale_ids", scale_ids.long().clone(), persistent=False)
             self.register_buffer("temperatures", torch.ones(num_scales))
 
-    def forward(self, logits, targets):
+    def forward(self, logits, targets, reference: tuple[torch.Tensor, torch.Tensor | None]
+                | None = None):
         batch_shape = targets.shape
+        if self.needs_reference != (reference is not None):
+            raise ValueError(f"reference={self.reference!r} "
+                             + ("needs" if self.needs_reference else "takes no")
+                             + " reference=(p_ref, kappa_ref) in forward")
         with torch.autocast(logits.device.type, enabled=False):
             flat = self._upcast(logits).reshape(-1, logits.shape[-1])
-            inv_temp = None
+            inv_temp = given = None
+            kappa: float | torch.Tensor = self.kappa
             if self.needs_calibration:
                 if logits.shape[-2] != self.scale_ids.numel():
                     raise ValueError(f"logits have {logits.shape[-2]} positions, scale_ids "
                                      f"{self.scale_ids.numel()}")
                 per_pos = self.temperatures.to(flat.dtype).reciprocal()[self.scale_ids]
                 inv_temp = per_pos.expand(batch_shape).reshape(-1, 1)
+            if reference is not None:
+                ref_probs, ref_kappa = reference
+                given = ref_probs.reshape(flat.shape).to(flat.dtype)
+                if ref_kappa is not None:
+                    kappa = ref_kappa.reshape(-1).to(flat.dtype)
             ce, disp, se = _UncertaintyPreserving.apply(
-                flat, targets.reshape(-1), inv_temp, self.smoothing, self.kappa, self.penalty,
+                flat, targets.reshape(-1), inv_temp, given, self.smoothing, kappa, self.penalty,
                 self.semantic, self.code_to_cluster, self.num_clusters)
         total, parts = ce, {"ce": ce}
         if self.penalty is not None:

@@ -53,13 +53,16 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
 @torch.no_grad()
 def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
            cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 1.0,
-           temperature: float = 1.0, generator: torch.Generator,
+           temperature: float = 1.0, scale_temperatures: torch.Tensor | None = None,
+           generator: torch.Generator,
            code_to_cluster: torch.Tensor, num_clusters: int, kappa: float = 1.0,
            use_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """Generate one image per label (-1 = unconditional).
 
     Guidance doubles the batch with the null class and samples from
-    (1 + t) * cond - t * uncond (VAR's formula) divided by the temperature;
+    (1 + t) * cond - t * uncond (VAR's formula) divided by the temperature
+    (times the scale's temperature in ``scale_temperatures``, post-hoc
+    temperature scaling: dividing both branches by T_k divides their mix);
     with cfg = 0 (or no conditional label) the null branch is skipped. The
     sampled indices feed both halves, as in VAR.
 
@@ -97,7 +100,8 @@ def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
             if guided:
                 t = guidance_ratio(cfg, cfg_schedule, k, len(patch_nums))
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            logits = logits / temperature
+            t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
+            logits = logits / (temperature * t_k)
             for name, value in token_uncertainty(logits, code_to_cluster, num_clusters,
                                                  kappa).items():
                 maps[name].append(value.view(B, pn, pn).cpu())

@@ -1,8 +1,13 @@
 """One training loop for the VAR transformer, whatever the token loss.
 
-Every variant (ce, ls, lr, up) runs through :func:`train`; only the loss
-module changes. The `up` loss also needs its per-scale temperatures refitted
-on held-out training tokens every ``calib_every`` steps, which the loop does.
+Every variant (ce, ls, lr, up) runs through :func:`build_run` (model,
+optimiser, loss, reference, data, resume point), :func:`train_step` and the
+loop :func:`train`; only the loss module and its reference change. The `up`
+loss with the calibrated reference also needs its per-scale temperatures
+refitted on the calibration slice every ``calib_every`` steps, which the step
+does; the teacher and empirical references are computed per batch by a
+:class:`up.references.Reference`. The `ts` baseline trains nothing:
+:func:`temperature_scale` fits the teacher's per-scale temperatures.
 
 Reproducibility: the batch of step s (StepBatches), its label dropout and the
 temperature refits are pure functions of (seed, s); the checkpoint holds the
@@ -23,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,72 +45,19 @@ from up.config import Params
 from up.errors import StageError
 from up.io import load_torch
 from up.losses import TemperatureCalibrator, TokenLoss, build_token_loss
+from up.references import EmpiricalTableReference, Reference, TeacherReference
 from up.runtime import progress, resolve_device
 from up.schedule import StepBatches, lr_factor, set_lr
-from up.tokenizer import MultiScaleVQVAE, load_code_clusters, load_tokenizer, split_indices
-from up.transformer import VAR
-
-# A split's teacher-forcing inputs are computed once and kept in memory when
-# they take at most this many bytes (4,000 MNIST images: 66 MB); larger
-# datasets (ImageNet: ~110 GB) rebuild them per batch on the device.
-CACHE_BYTES = 2**30
-ECE_BINS = 15
-
-
-# --------------------------------------------------------------------------
-# Data
-
-
-class TeacherForcing:
-    """Teacher-forcing inputs (B, L - p_1^2, C) of a token split, built by the
-    frozen tokenizer from the indices alone: the encoder never runs here."""
-
-    def __init__(self, tokenizer: MultiScaleVQVAE, indices: torch.Tensor, device: torch.device,
-                 cache_bytes: int = CACHE_BYTES, chunk: int = 1024):
-        self.tokenizer, self.indices, self.device, self.chunk = tokenizer, indices, device, chunk
-        n, length = indices.shape
-        size = n * (length - tokenizer.patch_nums[0] ** 2) * tokenizer.latent_channels * 4
-        self.cache = self._build(torch.arange(n)) if size <= cache_bytes else None
-
-    @torch.no_grad()
-    def _build(self, ids: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for chunk in ids.split(self.chunk):
-            maps = split_indices(self.indices[chunk].to(self.device), self.tokenizer.patch_nums)
-            parts.append(self.tokenizer.indices_to_var_input(maps))
-        return torch.cat(parts)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            return self._build(ids)
-        return self.cache[ids.to(self.cache.device)]
-
-
-@dataclass
-class TokenSplit:
-    indices: torch.Tensor  # (N, L), the cache's small integer dtype
-    labels: torch.Tensor  # (N,) int64
-    classes: list[str]
-    inputs: TeacherForcing
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, ids: torch.Tensor, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(labels, teacher-forcing input, target indices) of the items ``ids``."""
-        return (self.labels[ids].to(device), self.inputs(ids),
-                self.indices[ids].long().to(device))
-
-
-def load_split(path: str | Path, tokenizer: MultiScaleVQVAE, device: torch.device,
-               cache_bytes: int = CACHE_BYTES) -> TokenSplit:
-    saved = load_torch(path, "token cache")
-    if list(saved["patch_nums"]) != list(tokenizer.patch_nums):
-        raise StageError(f"{path} was tokenized with patch_nums {list(saved['patch_nums'])}, the "
-                         f"tokenizer has {list(tokenizer.patch_nums)}: rerun the tokenize stage")
-    inputs = TeacherForcing(tokenizer, saved["indices"], device, cache_bytes)
-    return TokenSplit(saved["indices"], saved["labels"].long(), list(saved["classes"]), inputs)
+from up.tokenizer import load_code_clusters, load_tokenizer
+from up.tokens import (
+    TokenSplit,
+    autocast,
+    fixed_subset,
+    load_token_split,
+    predict,
+    training_ids,
+)
+from up.transformer import VAR, load_var
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_class: int, seed: int, step: int,
@@ -160,7 +112,7 @@ def token_weights(scale_ids: torch.Tensor, kind: str) -> torch.Tensor:
 
 def build_loss(variant, tokenizer_path: str | Path, scale_ids: torch.Tensor) -> TokenLoss:
     """The variant's token loss; `up` also gets the codebook's semantic clusters."""
-    options = variant.model_dump(exclude={"loss", "calib_every", "calib_fraction"})
+    options = variant.model_dump(exclude={"loss", "calib_every"})
     context: dict[str, Any] = {}
     if variant.loss == "up":
         code_to_cluster, num_clusters = load_code_clusters(tokenizer_path)
@@ -186,30 +138,6 @@ class EMA:
 # Evaluation
 
 
-def _autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.no_grad()
-def predict(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: int, bf16: bool
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(float32 logits (B, L, V), targets (B, L)) batch by batch, in eval mode
-    with the true labels."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for chunk in ids.split(batch_size):
-            labels, inputs, targets = split.batch(chunk, device)
-            with _autocast(device, bf16):
-                logits = model(labels, inputs)
-            yield logits.float(), targets
-    finally:
-        model.train(was_training)
-
-
 @dataclass
 class TokenScores:
     """Per-scale sums over the evaluated tokens."""
@@ -228,14 +156,15 @@ class TokenScores:
 
 
 def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: int, bf16: bool,
-                 meter: CalibrationMeter | None = None) -> TokenScores:
+                 meter: CalibrationMeter | None = None,
+                 temperatures: torch.Tensor | None = None) -> TokenScores:
     """Cross-entropy and top-1 accuracy per scale; ``meter`` also gathers the
     calibration statistics, batch by batch (no (N, L, V) tensor is kept)."""
     scale_ids = model.scale_ids
     k = len(model.patch_nums)
     scores = TokenScores(*(torch.zeros(k, dtype=torch.float64, device=scale_ids.device)
                            for _ in range(3)))
-    for logits, targets in predict(model, split, ids, batch_size, bf16):
+    for logits, targets in predict(model, split, ids, batch_size, bf16, temperatures):
         ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         hits = logits.argmax(-1) == targets
         scores.ce.index_add_(0, scale_ids, ce.sum(0).double())
@@ -246,22 +175,14 @@ def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: i
     return scores
 
 
-def fixed_subset(n: int, k: int) -> torch.Tensor:
-    """k of n items drawn once with a fixed seed (the same for every run and
-    variant), in order. Splits are often sorted by class: a prefix is not a sample."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    return perm[:k].sort().values
-
-
-def refit_temperatures(model: VAR, loss_fn: TokenLoss, calibrator: TemperatureCalibrator,
-                       split: TokenSplit, ids: torch.Tensor, batch_size: int, bf16: bool) -> None:
-    """Fit one temperature per scale on the held-out slice (current weights, no
-    guidance dropout) and copy it into the loss's reference."""
+def fit_scale_temperatures(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: int,
+                           bf16: bool, calibrator: TemperatureCalibrator) -> torch.Tensor:
+    """One temperature per scale fitted on the items ``ids`` (current weights, true
+    labels): the calibrated reference's refits, the teacher's and `ts`'s one fit."""
     logits, targets = zip(*predict(model, split, ids, batch_size, bf16), strict=True)
     logits, targets = torch.cat(logits), torch.cat(targets)
     scales = model.scale_ids.expand_as(targets)
-    temps = calibrator.fit(logits.flatten(0, 1), targets.flatten(), scales.flatten())
-    loss_fn.temperatures.copy_(temps)
+    return calibrator.fit(logits.flatten(0, 1), targets.flatten(), scales.flatten())
 
 
 # --------------------------------------------------------------------------
@@ -308,9 +229,12 @@ def _reseed_rank(seed: int, step: int, rank: int) -> None:
 
 def resolved_params(params: Params, name: str, seed: int) -> dict[str, Any]:
     """Every setting that defines a training run (saved next to the model)."""
-    return {"variant": name, "seed": seed, "loss": params.variant(name).model_dump(),
-            "transformer": params.transformer.model_dump(), "train": params.train.model_dump(),
-            "threads": params.threads, "device": params.device}
+    settings = {"variant": name, "seed": seed, "loss": params.variant(name).model_dump(),
+                "transformer": params.transformer.model_dump(), "train": params.train.model_dump(),
+                "threads": params.threads, "device": params.device, "pipeline_seed": params.seed}
+    if name in params.derived:
+        settings["teacher"] = params.teacher
+    return settings
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -362,201 +286,319 @@ def _fmt(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def train(params: Params, name: str, seed: int, *, checkpoint: str | Path,
-          tokens_dir: str | Path = "data/tokens", tokenizer_path: str | Path = "models/tokenizer.pt",
-          ctx: Dist = Dist()) -> TrainResult | None:
-    """Train variant ``name`` with seed ``seed``, resuming from ``checkpoint`` when it
-    holds a run of the same settings. Rank 0 returns the outputs, other ranks None.
+@dataclass
+class RunPaths:
+    """Where a training run reads its inputs; the stage decides."""
 
-    Raises StageError when the loss or the gradient becomes NaN/inf.
-    """
-    cfg, variant = params.train, params.variant(name)
-    checkpoint, tokens_dir = Path(checkpoint), Path(tokens_dir)
+    checkpoint: Path
+    tokens: Path = Path("data/tokens")
+    tokenizer: Path = Path("models/tokenizer.pt")
+    teacher: Path | None = None  # the teacher model (reference: teacher, loss: ts)
+    reference: Path | None = None  # the empirical reference table (reference: empirical)
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs, built once (and restored on resume)."""
+
+    name: str
+    seed: int
+    cfg: Any  # TrainParams
+    device: torch.device
+    ctx: Dist
+    model: VAR
+    net: nn.Module  # model, wrapped for DDP / compile
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    loss_fn: TokenLoss
+    reference: Reference | None
+    calibrator: TemperatureCalibrator | None
+    data: TokenSplit
+    val: TokenSplit
+    fit_ids: torch.Tensor
+    calib_ids: torch.Tensor
+    batches: StepBatches
+    weights: torch.Tensor  # per-position token weights (L,)
+    fingerprint: dict[str, Any]
+    calib_every: int = 0
+    step: int = 0
+    log: TrainLog = field(default_factory=TrainLog)
+
+    @property
+    def eval_model(self) -> VAR:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _device(params: Params, ctx: Dist) -> torch.device:
     device = resolve_device(params.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-    tokenizer = load_tokenizer(tokenizer_path, device)
-    data = load_split(tokens_dir / "train.pt", tokenizer, device)
-    val = load_split(tokens_dir / "val.pt", tokenizer, device)
+    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" else device
+
+
+def _reference(variant, paths: RunPaths, data: TokenSplit, calib_ids: torch.Tensor,
+               fit_ids: torch.Tensor, cfg, device: torch.device) -> Reference | None:
+    kind = getattr(variant, "reference", None)
+    if kind == "teacher":
+        teacher = load_var(paths.teacher).to(device)
+        temps = fit_scale_temperatures(teacher, data, _nonempty(calib_ids), cfg.batch_size,
+                                       cfg.bf16, TemperatureCalibrator(len(teacher.patch_nums)))
+        return TeacherReference(teacher, temps)
+    if kind == "empirical":
+        return EmpiricalTableReference.load(paths.reference, fit_ids, device)
+    return None
+
+
+def _nonempty(calib_ids: torch.Tensor) -> torch.Tensor:
+    if len(calib_ids) == 0:
+        raise StageError("this variant fits temperatures on the calibration slice, but "
+                         "train.calib_fraction = 0 holds none out: set it > 0")
+    return calib_ids
+
+
+def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist = Dist()) -> Run:
+    """Model, optimiser, loss, reference and data of a run, resumed from
+    ``paths.checkpoint`` when it holds a run of the same settings."""
+    cfg, variant = params.train, params.variant(name)
+    device = _device(params, ctx)
+    tokenizer = load_tokenizer(paths.tokenizer, device)
+    data = load_token_split(paths.tokens / "train.pt", tokenizer, device)
+    val = load_token_split(paths.tokens / "val.pt", tokenizer, device)
+    fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
+                                      params.seed)
 
     model = VAR(tokenizer.vocab_size, tokenizer.latent_channels, tokenizer.patch_nums,
                 len(data.classes), **params.transformer.model_dump()).to(device)
-    loss_fn = build_loss(variant, tokenizer_path, model.scale_ids).to(device)
-    weights = token_weights(model.scale_ids, cfg.token_weighting)
+    loss_fn = build_loss(variant, paths.tokenizer, model.scale_ids).to(device)
+    reference = _reference(variant, paths, data, calib_ids, fit_ids, cfg, device)
+    calibrator = None
+    if loss_fn.needs_calibration:
+        _nonempty(calib_ids)
+        calibrator = TemperatureCalibrator(len(model.patch_nums))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
 
-    # `up` with a calibrated reference: hold out a seeded slice of the training
-    # images for the temperature fits; the rest is what the model trains on.
-    calibrator = calib_ids = None
-    fit_ids = torch.arange(len(data))
-    if loss_fn.needs_calibration:
-        calibrator = TemperatureCalibrator(len(model.patch_nums))
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        held = max(1, round(variant.calib_fraction * len(data)))
-        calib_ids, fit_ids = perm[:held].sort().values, perm[held:].sort().values
-    batches = StepBatches(len(fit_ids), cfg.batch_size, seed, ctx.rank, ctx.world)
-
     fingerprint = {**resolved_params(params, name, seed), "data": _digest(
-        data.indices, data.labels, val.indices, val.labels, *tokenizer.state_dict().values(),
-        *loss_fn.buffers())}  # the loss's buffers: the semantic clusters of `up`
+        data.indices, data.labels, val.indices, val.labels, fit_ids, *tokenizer.state_dict().values(),
+        *loss_fn.buffers(), *(reference.tensors() if reference is not None else ()))}
     for key in ("save_every", "log_every"):
         fingerprint["train"].pop(key)  # they change no result
     del fingerprint["threads"], fingerprint["device"]  # a resumed run may use others
-    step, log = 0, TrainLog()
-    state = load_checkpoint(checkpoint, fingerprint)  # restores the RNG too
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        loss_fn.load_state_dict(state["loss"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        if calibrator is not None:
-            calibrator.load_state_dict(state["calibrator"])
-        step, log = state["step"], TrainLog(**state["log"])
-        if len(state["rank_rng"]) == ctx.world:
-            restore_rng(state["rank_rng"][ctx.rank])
-        else:  # resumed on another number of processes
-            _reseed_rank(seed, step, ctx.rank)
-        if ctx.main:
-            print(f"resuming {checkpoint} at step {step}/{cfg.steps}")
-    else:
-        if checkpoint.is_file() and ctx.main:
-            print(f"ignoring {checkpoint}: written by a run with other settings or data")
-        if ctx.world > 1:
-            _reseed_rank(seed, 0, ctx.rank)
-    del state
 
-    net: nn.Module = model
+    run = Run(name, seed, cfg, device, ctx, model, model, ema, optimizer, loss_fn, reference,
+              calibrator, data, val, fit_ids, calib_ids,
+              StepBatches(len(fit_ids), cfg.batch_size, seed, ctx.rank, ctx.world),
+              token_weights(model.scale_ids, cfg.token_weighting), fingerprint,
+              calib_every=getattr(variant, "calib_every", 0))
+    _resume(run, paths.checkpoint)
     if ctx.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                      else None)
+        run.net = DistributedDataParallel(model, device_ids=[device.index]
+                                          if device.index is not None else None)
     if cfg.compile and device.type == "cuda":
-        net = torch.compile(net)
-    eval_model = ema.module if ema is not None else model
-    curve_ids = fixed_subset(len(val), cfg.batch_size)  # a row costs a third of a step
-    temp_names = [f"T_{p}x{p}" for p in model.patch_nums]
-    tokens_per_step = cfg.batch_size * model.seq_len
+        run.net = torch.compile(run.net)
+    return run
 
-    model.train()
+
+def _resume(run: Run, checkpoint: Path) -> None:
+    state = load_checkpoint(checkpoint, run.fingerprint)  # restores the RNG too
+    if state is None:
+        if checkpoint.is_file() and run.ctx.main:
+            print(f"ignoring {checkpoint}: written by a run with other settings or data")
+        if run.ctx.world > 1:
+            _reseed_rank(run.seed, 0, run.ctx.rank)
+        return
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.loss_fn.load_state_dict(state["loss"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(state["ema"])
+    if run.calibrator is not None:
+        run.calibrator.load_state_dict(state["calibrator"])
+    run.step, run.log = state["step"], TrainLog(**state["log"])
+    if len(state["rank_rng"]) == run.ctx.world:
+        restore_rng(state["rank_rng"][run.ctx.rank])
+    else:  # resumed on another number of processes
+        _reseed_rank(run.seed, run.step, run.ctx.rank)
+    if run.ctx.main:
+        print(f"resuming {checkpoint} at step {run.step}/{run.cfg.steps}")
+
+
+def _save(run: Run, checkpoint: Path) -> None:
+    rngs = [None] * run.ctx.world
+    if run.ctx.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if run.ctx.main:
+        run.log.saved_step = run.step
+        save_checkpoint(
+            checkpoint, model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+            loss=run.loss_fn.state_dict(), step=run.step, log=asdict(run.log),
+            ema=None if run.ema is None else run.ema.module.state_dict(),
+            calibrator=None if run.calibrator is None else run.calibrator.state_dict(),
+            rank_rng=rngs, fingerprint=run.fingerprint)
+
+
+def _refit(run: Run) -> None:
+    """The calibrated reference's temperatures, refitted by rank 0 and broadcast."""
+    if run.ctx.main:
+        temps = fit_scale_temperatures(run.model, run.data, run.calib_ids, run.cfg.batch_size,
+                                       run.cfg.bf16, run.calibrator)
+        run.loss_fn.temperatures.copy_(temps)
+    if run.ctx.world > 1:
+        dist.broadcast(run.loss_fn.temperatures, 0)
+
+
+def train_step(run: Run, checkpoint: Path) -> tuple[dict[str, float], float]:
+    """One optimisation step; returns the logged values (averaged over ranks) and the lr.
+
+    Raises StageError, before the weights change, when the loss or the
+    gradient norm is not finite."""
+    cfg, step = run.cfg, run.step
+    if run.calibrator is not None and step > 0 and step % run.calib_every == 0:
+        _refit(run)
+    lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+    set_lr(run.optimizer, lr)
+    labels, inputs, targets = run.data.batch(run.fit_ids[run.batches(step)], run.device)
+    labels = drop_labels(labels, cfg.cond_drop, run.model.num_classes, run.seed, step,
+                         run.ctx.rank, run.ctx.world)
+    with autocast(run.device, cfg.bf16):
+        logits = run.net(labels, inputs)
+    extra = {} if run.reference is None else {"reference": run.reference(labels, inputs, targets)}
+    per_token, parts = run.loss_fn(logits, targets, **extra)
+    loss = (per_token.mean(0) * run.weights).sum()
+
+    # Every rank sees the same averaged values, so all stop together.
+    reduced = torch.stack([loss.detach()] + [(p.detach().mean(0) * run.weights).sum()
+                                             for p in parts.values()])
+    if run.ctx.world > 1:
+        dist.all_reduce(reduced)
+        reduced /= run.ctx.world
+    values = dict(zip(["loss", *parts], reduced.tolist(), strict=True))
+    if not all(math.isfinite(v) for v in values.values()):
+        raise _divergence(step + 1, values, run.log, checkpoint)
+
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+    if not math.isfinite(grad_norm):
+        raise _divergence(step + 1, {**values, "grad_norm": grad_norm}, run.log, checkpoint)
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    run.step += 1
+    return {**values, "grad_norm": grad_norm}, lr
+
+
+def _log_row(run: Run, lr: float, curve_ids: torch.Tensor) -> dict[str, float]:
+    means = run.log.flush()
+    scores = score_tokens(run.eval_model, run.val, curve_ids, run.cfg.batch_size, run.cfg.bf16)
+    row = {"step": run.step, "lr": _fmt(lr), **{k: _fmt(v) for k, v in means.items()},
+           "val_ce": _fmt(float(scores.ce.sum() / scores.count.sum()))}
+    if run.calibrator is not None:
+        names = [f"T_{p}x{p}" for p in run.model.patch_nums]
+        row.update(zip(names, map(_fmt, run.loss_fn.temperatures.tolist()), strict=True))
+    return row
+
+
+def train(run: Run, checkpoint: Path) -> None:
+    """Step ``run`` to ``train.steps``, logging every ``log_every`` steps and
+    checkpointing every ``save_every`` (so a killed run resumes bitwise)."""
+    cfg, ctx = run.cfg, run.ctx
+    curve_ids = fixed_subset(len(run.val), cfg.batch_size)  # a row costs a third of a step
+    tokens_per_step = cfg.batch_size * run.model.seq_len
+    run.model.train()
     with progress(disable=not ctx.main) as bar:
-        task = bar.add_task(f"train {name} s{seed}", total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
-            if calibrator is not None and step > 0 and step % variant.calib_every == 0:
-                if ctx.main:
-                    refit_temperatures(model, loss_fn, calibrator, data, calib_ids,
-                                       cfg.batch_size, cfg.bf16)
-                if ctx.world > 1:
-                    dist.broadcast(loss_fn.temperatures, 0)
+        task = bar.add_task(f"train {run.name} s{run.seed}", total=cfg.steps, completed=run.step,
+                            info="")
+        while run.step < cfg.steps:
             started = time.perf_counter()
-            lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule,
-                                    cfg.min_lr_ratio)
-            set_lr(optimizer, lr)
-            labels, inputs, targets = data.batch(fit_ids[batches(step)], device)
-            labels = drop_labels(labels, cfg.cond_drop, model.num_classes, seed, step,
-                                 ctx.rank, ctx.world)
-            with _autocast(device, cfg.bf16):
-                logits = net(labels, inputs)
-            per_token, parts = loss_fn(logits, targets)
-            loss = (per_token.mean(0) * weights).sum()
-
-            # Every rank sees the same averaged values, so all stop together.
-            reduced = torch.stack([loss.detach()] + [(p.detach().mean(0) * weights).sum()
-                                                     for p in parts.values()])
-            if ctx.world > 1:
-                dist.all_reduce(reduced)
-                reduced /= ctx.world
-            values = dict(zip(["loss", *parts], reduced.tolist(), strict=True))
-            if not all(math.isfinite(v) for v in values.values()):
-                raise _divergence(step + 1, values, log, checkpoint)
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-            if not math.isfinite(grad_norm):
-                raise _divergence(step + 1, {**values, "grad_norm": grad_norm}, log, checkpoint)
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            log.seconds += time.perf_counter() - started
-            log.timed_steps += 1
-            log.add({**values, "grad_norm": grad_norm})
-
-            if ctx.main and (step % cfg.log_every == 0 or step == cfg.steps):
-                means = log.flush()
-                scores = score_tokens(eval_model, val, curve_ids, cfg.batch_size, cfg.bf16)
-                row = {"step": step, "lr": _fmt(lr), **{k: _fmt(v) for k, v in means.items()},
-                       "val_ce": _fmt(float(scores.ce.sum() / scores.count.sum()))}
-                if calibrator is not None:
-                    row.update(zip(temp_names, map(_fmt, loss_fn.temperatures.tolist()),
-                                   strict=True))
-                log.rows.append(row)
-                line = " ".join(f"{k} {v:.4g}" for k, v in row.items())
-                bar.console.print(line, soft_wrap=True)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                rngs = [None] * ctx.world
-                if ctx.world > 1:
-                    dist.all_gather_object(rngs, rng_state())
-                else:
-                    rngs = [rng_state()]
-                if ctx.main:
-                    log.saved_step = step
-                    save_checkpoint(
-                        checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        loss=loss_fn.state_dict(), step=step, log=asdict(log),
-                        ema=None if ema is None else ema.module.state_dict(),
-                        calibrator=None if calibrator is None else calibrator.state_dict(),
-                        rank_rng=rngs, fingerprint=fingerprint)
-            speed = tokens_per_step * log.timed_steps / max(log.seconds, 1e-9)
-            bar.update(task, completed=step,
+            values, lr = train_step(run, checkpoint)
+            run.log.seconds += time.perf_counter() - started
+            run.log.timed_steps += 1
+            run.log.add(values)
+            if ctx.main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
+                row = _log_row(run, lr, curve_ids)
+                run.log.rows.append(row)
+                bar.console.print(" ".join(f"{k} {v:.4g}" for k, v in row.items()),
+                                  soft_wrap=True)
+            if run.step % cfg.save_every == 0 or run.step == cfg.steps:
+                _save(run, checkpoint)
+            speed = tokens_per_step * run.log.timed_steps / max(run.log.seconds, 1e-9)
+            bar.update(task, completed=run.step,
                        info=f"loss {values['loss']:.3f}  lr {lr:.2e}  {speed / 1e3:.1f}k tok/s")
-
-    if not ctx.main:
-        return None
-    return _finish(params, name, seed, model, eval_model, ema, loss_fn, calibrator, data, val,
-                   fit_ids, log, tokens_per_step)
 
 
 def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def _finish(params: Params, name: str, seed: int, model: VAR, eval_model: VAR, ema: EMA | None,
-            loss_fn: TokenLoss, calibrator: TemperatureCalibrator | None, data: TokenSplit,
-            val: TokenSplit, fit_ids: torch.Tensor, log: TrainLog, tokens_per_step: int
-            ) -> TrainResult:
-    """Final figures on the weights that sampling will use (EMA when on)."""
-    cfg = params.train
-    meter = CalibrationMeter(ECE_BINS)
-    val_scores = score_tokens(eval_model, val, torch.arange(len(val)), cfg.batch_size, cfg.bf16,
-                              meter)
+def evaluate_tokens(model: VAR, data: TokenSplit, val: TokenSplit, fit_ids: torch.Tensor,
+                    batch_size: int, bf16: bool, ece_bins: int,
+                    temperatures: torch.Tensor | None = None) -> dict[str, Any]:
+    """Val CE, accuracy and calibration on the whole val split, and the CE on as
+    many training images (over-fitting shows as the gap)."""
+    meter = CalibrationMeter(ece_bins)
+    val_scores = score_tokens(model, val, torch.arange(len(val)), batch_size, bf16, meter,
+                              temperatures)
     calib = meter.compute()
-    train_ids = fit_ids[fixed_subset(len(fit_ids), len(val))]
-    train_scores = score_tokens(eval_model, data, train_ids, cfg.batch_size, cfg.bf16)
-    train_summary = train_scores.summary(model.patch_nums)
-    temperatures = loss_fn.temperatures.detach().cpu().clone() if calibrator is not None else None
-    final = log.rows[-1]
+    train_ids = fit_ids[fixed_subset(len(fit_ids), min(len(val), len(fit_ids)))]
+    train_summary = score_tokens(model, data, train_ids, batch_size, bf16,
+                                 temperatures=temperatures).summary(model.patch_nums)
+    return {"val": {**val_scores.summary(model.patch_nums), "ece": float(calib["ece"]),
+                    "nll": float(calib["nll"]), "brier": float(calib["brier"])},
+            "train": {"ce": train_summary["ce"], "ce_per_scale": train_summary["ce_per_scale"],
+                      "images": len(train_ids)}}
+
+
+def finish(run: Run, params: Params) -> TrainResult:
+    """Final figures on the weights that sampling will use (EMA when on)."""
+    cfg, model, log = run.cfg, run.model, run.log
+    temperatures = run.loss_fn.temperatures.detach().cpu().clone() \
+        if run.calibrator is not None else None
     metrics = {
-        "variant": name, "seed": seed, "steps": cfg.steps, "parameters": model.num_parameters(),
-        "val": {**val_scores.summary(model.patch_nums),
-                "ece": float(calib["ece"]), "nll": float(calib["nll"]),
-                "brier": float(calib["brier"])},
-        "train": {"ce": train_summary["ce"], "ce_per_scale": train_summary["ce_per_scale"],
-                  "images": len(train_ids)},
+        "variant": run.name, "seed": run.seed, "steps": cfg.steps,
+        "parameters": model.num_parameters(), "train_images": len(run.fit_ids),
+        **evaluate_tokens(run.eval_model, run.data, run.val, run.fit_ids, cfg.batch_size,
+                          cfg.bf16, params.evaluate.ece_bins),
         "speed": {"steps_per_s": log.timed_steps / log.seconds,
-                  "tokens_per_s": tokens_per_step * log.timed_steps / log.seconds,
+                  "tokens_per_s": cfg.batch_size * model.seq_len * log.timed_steps / log.seconds,
                   "train_seconds": log.seconds},
-        "final_loss": {k: v for k, v in final.items()
+        "final_loss": {k: v for k, v in log.rows[-1].items()
                        if k not in ("step", "lr", "grad_norm", "val_ce") and not k.startswith("T_")},
     }
     if temperatures is not None:
         metrics["temperatures"] = {f"{p}x{p}": t for p, t in
                                    zip(model.patch_nums, temperatures.tolist(), strict=True)}
     saved = {"config": model.config(), "state_dict": _to_cpu(model.state_dict()),
-             "ema_state_dict": None if ema is None else _to_cpu(ema.module.state_dict()),
-             "variant": {"name": name, **params.variant(name).model_dump()},
-             "temperatures": temperatures, "step": cfg.steps}
+             "ema_state_dict": None if run.ema is None else _to_cpu(run.ema.module.state_dict()),
+             "variant": {"name": run.name, **params.variant(run.name).model_dump()},
+             "temperatures": temperatures, "logit_temperatures": None, "step": cfg.steps}
     return TrainResult(saved, metrics, log.rows)
+
+
+def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> TrainResult:
+    """The `ts` baseline: the teacher's weights with one logit temperature per scale,
+    fitted on the calibration slice (the images no variant trains on)."""
+    cfg = params.train
+    device = _device(params, Dist())
+    tokenizer = load_tokenizer(paths.tokenizer, device)
+    data = load_token_split(paths.tokens / "train.pt", tokenizer, device)
+    val = load_token_split(paths.tokens / "val.pt", tokenizer, device)
+    fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
+                                      params.seed)
+    saved = load_torch(paths.teacher, "teacher checkpoint")
+    model = load_var(paths.teacher).to(device)
+    temps = fit_scale_temperatures(model, data, _nonempty(calib_ids), cfg.batch_size, cfg.bf16,
+                                   TemperatureCalibrator(len(model.patch_nums))).float()
+    metrics = {"variant": name, "seed": seed, "teacher": str(paths.teacher),
+               "parameters": model.num_parameters(), "train_images": len(fit_ids),
+               **evaluate_tokens(model, data, val, fit_ids, cfg.batch_size, cfg.bf16,
+                                 params.evaluate.ece_bins, temps),
+               "logit_temperatures": {f"{p}x{p}": t for p, t in
+                                      zip(model.patch_nums, temps.tolist(), strict=True)}}
+    saved = {**saved, "variant": {"name": name, **params.variant(name).model_dump()},
+             "logit_temperatures": temps.cpu()}
+    row = {"step": 0, "val_ce": _fmt(metrics["val"]["ce"]),
+           **{f"T_{p}x{p}": _fmt(t) for p, t in zip(model.patch_nums, temps.tolist(), strict=True)}}
+    return TrainResult(saved, metrics, [row])

@@ -256,11 +256,19 @@ class VAR(nn.Module):
         return self.head(x, cond)
 
 
-def load_var(path: str | Path, ema: bool = True) -> VAR:
-    """A trained VAR in eval mode; the EMA weights when ``ema`` and present."""
+def load_var_and_temperatures(path: str | Path, ema: bool = True
+                              ) -> tuple[VAR, torch.Tensor | None]:
+    """A trained VAR in eval mode (the EMA weights when ``ema`` and present) and
+    its per-scale logit temperatures (K,): set by post-hoc temperature scaling
+    (the `ts` variant), None for a model used as trained."""
     ckpt = load_torch(path, "VAR checkpoint")
     model = VAR(**ckpt["config"])
     state = ckpt["ema_state_dict"] if ema and ckpt.get("ema_state_dict") is not None \
         else ckpt["state_dict"]
     model.load_state_dict(state)
-    return model.eval()
+    return model.eval(), ckpt.get("logit_temperatures")
+
+
+def load_var(path: str | Path, ema: bool = True) -> VAR:
+    """A trained VAR in eval mode; the EMA weights when ``ema`` and present."""
+    return load_var_and_temperatures(path, ema)[0]

@@ -1,0 +1,45 @@
+"""reference: the empirical reference of `up` (reference: empirical).
+
+Counts of each code given a context over the images every variant trains on
+(the token cache, one pass), smoothed by a Dirichlet prior. The context and
+the prior mass are chosen by the reference's own NLL on the calibration slice
+(held out of training); the table of candidates, and the chosen one's NLL on
+the val tokens, go to metrics/reference.json.
+"""
+
+from __future__ import annotations
+
+from up import paths
+from up.config import Params
+from up.empirical import select_reference
+from up.errors import StageError
+from up.io import load_torch, save_json, save_torch
+from up.tokens import training_ids
+
+
+def run(params: Params) -> None:
+    cfg, rp = params.train, params.reference
+    train = load_torch(paths.TOKENS / "train.pt", "train token cache")
+    val = load_torch(paths.TOKENS / "val.pt", "val token cache")
+    vocab = int(load_torch(paths.TOKENIZER, "tokenizer")["config"]["vocab_size"])
+    labels = train["labels"].long()
+    fit_ids, calib_ids = training_ids(labels, cfg.calib_fraction, cfg.images_per_class,
+                                      params.seed)
+    if len(calib_ids) == 0:
+        raise StageError("the reference is chosen on the calibration slice, but "
+                         "train.calib_fraction = 0 holds none out: set it > 0")
+    num_classes, patch_nums = len(train["classes"]), list(train["patch_nums"])
+    table, rows = select_reference(train["indices"][fit_ids], labels[fit_ids],
+                                   train["indices"][calib_ids], labels[calib_ids], patch_nums,
+                                   vocab, num_classes, rp.contexts, rp.priors)
+    best = min(rows, key=lambda r: r["heldout_nll"])
+    metrics = {"context": best["context"], "prior": best["prior"],
+               "heldout_nll": best["heldout_nll"],
+               "val_nll": table.nll(val["indices"], val["labels"].long()),
+               "memory_bytes": table.memory_bytes(), "train_images": len(fit_ids),
+               "calibration_images": len(calib_ids), "candidates": rows}
+    save_torch({"table": table.state_dict(), "fit_ids": fit_ids}, paths.REFERENCE)
+    save_json(metrics, "metrics/reference.json")
+    print(f"reference: context {best['context']}, prior {best['prior']}, held-out NLL "
+          f"{best['heldout_nll']:.4f}, val NLL {metrics['val_nll']:.4f} "
+          f"({metrics['memory_bytes'] / 2**20:.1f} MiB)")

@@ -1,0 +1,438 @@
+"""Data-side second-order reference: sparse context counts (METHOD §3, ``empirical``).
+
+For a context c of a token (its scale, optionally the code of its parent at
+the previous scale, optionally the class) the reference is the Dirichlet
+
+    alpha_ref(c, v) = n(c, v) + a_0 / V,   kappa_ref(c) = n(c) + a_0,
+    p_ref(c) = alpha_ref(c) / kappa_ref(c),
+
+where n(c, v) counts code v in context c over the training tokens. A context
+seen rarely keeps a small kappa_ref and therefore a wide reference; an unseen
+context is the uniform distribution with kappa_ref = a_0.
+
+Contexts (``CONTEXTS``), for the token at scale k, row i, col j:
+
+- ``scale``: (k);
+- ``parent``: (k, parent code), the parent being the code at scale k-1, row
+  i * p_{k-1} // p_k, col j * p_{k-1} // p_k (scale 0 has the sentinel V);
+- ``scale_class`` / ``parent_class``: the same plus the class. The class id C
+  means "no class" (label dropped): when fitting, each token is counted under
+  its class AND under C, so a label-dropped batch reads the class-marginal
+  table, exactly what the model sees for an unconditional row.
+
+A context is one int64 key ((k * (V + 1) + parent) * (C + 1) + class) (unused
+fields hold their sentinels V and C), and a (context, code) pair the key
+context * V + code. Keys stay below K (V + 1) (C + 1) V (1.7e11 at ImageNet
+scale), far inside int64.
+
+Memory. A dense table would need K * V * V * (C + 1) entries (1.7e11 at V =
+4096, C = 1000, K = 10), so the counts are stored sparsely, CSR-like:
+
+- ``ctx_keys`` (M,) int64, sorted unique context keys, with ``ctx_totals``
+  (M,) int64 = n(c) and ``offsets`` (M + 1,) int64;
+- ``pair_keys`` (P,) int64, sorted, and ``pair_counts`` (P,) int32 (int64
+  only if a count ever exceeds 2^31 - 1); the pairs of context m are the
+  contiguous run offsets[m]:offsets[m + 1] and the code is pair_key % V.
+
+    memory_bytes = 24 M + 8 + 12 P   (20 P with int64 counts)  <=  36 P + 8,
+
+with M <= P (every stored context has at least one pair) and P the number of
+distinct (context, code) pairs seen, so P <= N L for the class-free contexts
+and P <= 2 N L for the class contexts (each token also counted in the
+marginal), N L being the number of training tokens; P is also bounded by the
+dense size K (V + 1) (C + 1) V. Fitting peaks at a few times that plus one
+chunk of keys.
+
+Look-ups are vectorised over a batch: ``torch.searchsorted`` on ``ctx_keys``
+finds each token's context (unseen -> prior only) and the dense (B, L, V)
+rows are built only for the batch with repeat_interleave + index_put. The NLL
+needs only n(c) and n(c, y), so it never builds (N, L, V).
+
+Leave-one-out. Scoring the training tokens themselves against counts that
+include them makes rare contexts look certain: a context seen once reads as
+a point mass on the target. ``leave_one_out=True`` removes the token's own
+count (alpha(c, y) -= 1, kappa -= 1) so a training batch sees the reference
+it would have had without itself; use it when the batch comes from the data
+the reference was fitted on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+CONTEXTS = ("scale", "parent", "scale_class", "parent_class")
+_USES_PARENT = {"scale": False, "parent": True, "scale_class": False, "parent_class": True}
+_USES_CLASS = {"scale": False, "parent": False, "scale_class": True, "parent_class": True}
+_INT32_MAX = 2 ** 31 - 1
+_MERGE_MIN = 1 << 16  # buffered pairs below this are never merged early (tests lower it)
+
+
+def _check_context(context: str) -> None:
+    if context not in CONTEXTS:
+        raise ValueError(f"unknown empirical context {context!r}; expected one of {CONTEXTS}")
+
+
+def _check_prior(prior: float) -> float:
+    prior = float(prior)
+    if not (prior > 0 and math.isfinite(prior)):
+        raise ValueError(f"empirical prior a_0 must be a finite number > 0, got {prior}")
+    return prior
+
+
+def _position_tables(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale index, parent position) of each of the L = sum p_k^2 positions.
+
+    The parent position is -1 at scale 0. Computed once, so a batch's parent
+    codes are one gather ``indices[:, parent_pos]``.
+    """
+    scale, parent = [], []
+    start, prev_start, prev_p = 0, 0, 0
+    for k, p in enumerate(patch_nums):
+        rows = torch.arange(p).repeat_interleave(p)
+        cols = torch.arange(p).repeat(p)
+        scale.append(torch.full((p * p,), k, dtype=torch.int64))
+        if k == 0:
+            parent.append(torch.full((p * p,), -1, dtype=torch.int64))
+        else:
+            parent.append(prev_start + (rows * prev_p // p) * prev_p + cols * prev_p // p)
+        prev_start, prev_p = start, p
+        start += p * p
+    return torch.cat(scale), torch.cat(parent)
+
+
+class EmpiricalReference:
+    """Sparse Dirichlet reference alpha_ref(c) = n(c, .) + a_0 / V (see module doc)."""
+
+    def __init__(self, *, patch_nums: Sequence[int], vocab_size: int, num_classes: int, context: str,
+                 prior: float, ctx_keys: torch.Tensor, ctx_totals: torch.Tensor, offsets: torch.Tensor,
+                 pair_keys: torch.Tensor, pair_counts: torch.Tensor):
+        _check_context(context)
+        self.patch_nums = [int(p) for p in patch_nums]
+        if not self.patch_nums or min(self.patch_nums) < 1:
+            raise ValueError(f"patch_nums must be positive integers, got {list(patch_nums)}")
+        self.vocab_size = int(vocab_size)
+        self.num_classes = int(num_classes)
+        if self.vocab_size < 1 or self.num_classes < 0:
+            raise ValueError(f"need vocab_size >= 1 and num_classes >= 0, got {vocab_size}, {num_classes}")
+        self.context = context
+        self.prior = _check_prior(prior)
+        self.length = sum(p * p for p in self.patch_nums)
+        self.ctx_keys, self.ctx_totals, self.offsets = ctx_keys, ctx_totals, offsets
+        self.pair_keys, self.pair_counts = pair_keys, pair_counts
+        m, p = ctx_keys.numel(), pair_keys.numel()
+        if ctx_totals.numel() != m or offsets.numel() != m + 1 or pair_counts.numel() != p:
+            raise ValueError("inconsistent empirical reference tables "
+                             "(sizes of keys / totals / offsets / counts)")
+        scale_of, parent_pos = _position_tables(self.patch_nums)
+        self._scale_of = scale_of.to(ctx_keys.device)
+        self._parent_pos = parent_pos.to(ctx_keys.device)
+
+    # ------------------------------------------------------------------ keys
+
+    def _check_batch(self, indices: torch.Tensor,
+                     labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated (indices int64 (B, L), labels int64 (B,)); labels None -> all 'no class'."""
+        if indices.dim() != 2:
+            raise ValueError(f"indices must be (N, L), got shape {tuple(indices.shape)}")
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.shape[1] != self.length:
+            raise ValueError(f"token rows have length {indices.shape[1]}, but patch_nums {self.patch_nums} "
+                             f"give sum p_k^2 = {self.length}")
+        idx = indices.to(device=self.ctx_keys.device, dtype=torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
+            raise ValueError(f"token codes must lie in [0, {self.vocab_size}), got range "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        if labels is None:
+            lab = torch.full((idx.shape[0],), self.num_classes, dtype=torch.int64, device=idx.device)
+        else:
+            lab = labels.to(device=idx.device, dtype=torch.int64).reshape(-1)
+            if lab.numel() != idx.shape[0]:
+                raise ValueError(f"got {lab.numel()} labels for {idx.shape[0]} token rows")
+            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) > self.num_classes):
+                raise ValueError(f"labels must lie in [0, {self.num_classes}] "
+                                 f"({self.num_classes} = no class), "
+                                 f"got range [{int(lab.min())}, {int(lab.max())}]")
+        return idx, lab
+
+    def _keys(self, idx: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """Context keys (B, L) of validated int64 tokens and labels (class C where unused)."""
+        v, c = self.vocab_size, self.num_classes
+        b = idx.shape[0]
+        scale = self._scale_of.unsqueeze(0).expand(b, -1)
+        if _USES_PARENT[self.context]:
+            pos = self._parent_pos.clamp(min=0)
+            parent = idx[:, pos]
+            parent = torch.where(self._parent_pos.unsqueeze(0) < 0, torch.full_like(parent, v), parent)
+        else:
+            parent = torch.full_like(idx, v)
+        if _USES_CLASS[self.context]:
+            cls = lab.unsqueeze(1).expand(b, self.length)
+        else:
+            cls = torch.full_like(idx, c)
+        return (scale * (v + 1) + parent) * (c + 1) + cls
+
+    def context_keys(self, indices: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The int64 context key (B, L) of every token; labels == C reads the class marginal."""
+        return self._keys(*self._check_batch(indices, labels))
+
+    # --------------------------------------------------------------- fitting
+
+    @classmethod
+    def fit(cls, indices: torch.Tensor, labels: torch.Tensor | None, patch_nums: Sequence[int],
+            vocab_size: int, num_classes: int, context: str, prior: float,
+            chunk: int = 4096) -> EmpiricalReference:
+        """Count n(c, v) over a token cache (N, L) in one pass of ``chunk`` images at a time.
+
+        Each chunk is reduced to its unique pair keys with counts; the chunk
+        results are merged into the running table whenever they outgrow it
+        (geometric merging), so the peak memory is a few times the final
+        table plus one chunk, and the merge cost stays O(P log P) overall.
+        """
+        _check_context(context)
+        prior = _check_prior(prior)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        empty = torch.zeros(0, dtype=torch.int64, device=indices.device)
+        ref = cls(patch_nums=patch_nums, vocab_size=vocab_size, num_classes=num_classes, context=context,
+                  prior=prior, ctx_keys=empty, ctx_totals=empty, offsets=torch.zeros(1, dtype=torch.int64,
+                  device=indices.device), pair_keys=empty, pair_counts=empty)
+        idx_all, lab_all = ref._check_batch(indices, labels)
+        v, c = ref.vocab_size, ref.num_classes
+
+        run_keys, run_counts = empty, empty
+        buffered: list[tuple[torch.Tensor, torch.Tensor]] = []
+        buffered_size = 0
+
+        def merge(parts):
+            keys = torch.cat([k for k, _ in parts])
+            counts = torch.cat([n for _, n in parts])
+            uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+            summed = torch.zeros(uniq.numel(), dtype=torch.int64, device=keys.device)
+            return uniq, summed.index_add_(0, inverse, counts)
+
+        for start in range(0, idx_all.shape[0], chunk):
+            idx, lab = idx_all[start:start + chunk], lab_all[start:start + chunk]
+            keys = ref._keys(idx, lab)
+            pairs = [(keys * v + idx).reshape(-1)]
+            if _USES_CLASS[context]:
+                # every token is also counted under "no class" (once, if its label already is C)
+                real = lab != c
+                marg = ref._keys(idx[real], torch.full_like(lab[real], c))
+                pairs.append((marg * v + idx[real]).reshape(-1))
+            uniq, counts = torch.unique(torch.cat(pairs), sorted=True, return_counts=True)
+            buffered.append((uniq, counts))
+            buffered_size += uniq.numel()
+            if buffered_size >= max(run_keys.numel(), _MERGE_MIN):
+                run_keys, run_counts = merge([(run_keys, run_counts)] + buffered)
+                buffered, buffered_size = [], 0
+        if buffered:
+            run_keys, run_counts = merge([(run_keys, run_counts)] + buffered)
+
+        ctx_of_pair = torch.div(run_keys, v, rounding_mode="floor")
+        ctx_keys, per_ctx = torch.unique_consecutive(ctx_of_pair, return_counts=True)
+        offsets = torch.zeros(ctx_keys.numel() + 1, dtype=torch.int64, device=run_keys.device)
+        torch.cumsum(per_ctx, 0, out=offsets[1:])
+        ctx_index = torch.repeat_interleave(torch.arange(ctx_keys.numel(), device=run_keys.device), per_ctx)
+        totals = torch.zeros(ctx_keys.numel(), dtype=torch.int64, device=run_keys.device).index_add_(
+            0, ctx_index, run_counts)
+        if run_counts.numel() == 0 or int(run_counts.max()) <= _INT32_MAX:
+            run_counts = run_counts.to(torch.int32)
+        return cls(patch_nums=patch_nums, vocab_size=vocab_size, num_classes=num_classes, context=context,
+                   prior=prior, ctx_keys=ctx_keys, ctx_totals=totals, offsets=offsets,
+                   pair_keys=run_keys, pair_counts=run_counts)
+
+    def with_prior(self, prior: float) -> EmpiricalReference:
+        """The same counts under another a_0 (tables shared, not copied): prior search is free."""
+        return EmpiricalReference(patch_nums=self.patch_nums, vocab_size=self.vocab_size,
+                                  num_classes=self.num_classes, context=self.context, prior=prior,
+                                  ctx_keys=self.ctx_keys, ctx_totals=self.ctx_totals, offsets=self.offsets,
+                                  pair_keys=self.pair_keys, pair_counts=self.pair_counts)
+
+    # --------------------------------------------------------------- look-ups
+
+    def _lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position in ctx_keys, found) of flat context keys."""
+        m = self.ctx_keys.numel()
+        if m == 0:
+            zeros = torch.zeros_like(keys)
+            return zeros, torch.zeros_like(keys, dtype=torch.bool)
+        pos = torch.searchsorted(self.ctx_keys, keys).clamp(max=m - 1)
+        return pos, self.ctx_keys[pos] == keys
+
+    def _target_counts(self, keys: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n(c), n(c, y)) int64 for flat context keys and target codes; 0 where unseen."""
+        pos, found = self._lookup(keys)
+        n_c = torch.where(found, self.ctx_totals[pos] if self.ctx_totals.numel() else torch.zeros_like(keys),
+                          torch.zeros_like(keys))
+        pair = keys * self.vocab_size + codes
+        p = self.pair_keys.numel()
+        if p == 0:
+            return n_c, torch.zeros_like(keys)
+        ppos = torch.searchsorted(self.pair_keys, pair).clamp(max=p - 1)
+        hit = self.pair_keys[ppos] == pair
+        n_cy = torch.where(hit, self.pair_counts[ppos].to(torch.int64), torch.zeros_like(keys))
+        return n_c, n_cy
+
+    def alpha(self, indices: torch.Tensor, labels: torch.Tensor | None,
+              leave_one_out: bool = False) -> torch.Tensor:
+        """alpha_ref (B, L, V) float32 = n(c, .) + a_0 / V for every token's context.
+
+        Dense rows are built for the batch only: the runs of the found
+        contexts are expanded with repeat_interleave and scattered in one
+        index_put. ``leave_one_out`` subtracts the token's own count (see the
+        module doc); the batch must then come from the fitting data.
+        """
+        idx, lab = self._check_batch(indices, labels)
+        b, length, v = idx.shape[0], idx.shape[1], self.vocab_size
+        keys = self._keys(idx, lab).reshape(-1)
+        out = torch.full((keys.numel(), v), self.prior / v, dtype=torch.float32, device=keys.device)
+        pos, found = self._lookup(keys)
+        tok = torch.nonzero(found).squeeze(1)
+        if tok.numel():
+            start = self.offsets[pos[tok]]
+            lengths = self.offsets[pos[tok] + 1] - start
+            rows = torch.repeat_interleave(tok, lengths)
+            run_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+            within = torch.arange(rows.numel(), device=keys.device) - run_start
+            pidx = torch.repeat_interleave(start, lengths) + within
+            codes = torch.remainder(self.pair_keys[pidx], v)
+            out.index_put_((rows, codes), self.pair_counts[pidx].to(torch.float32), accumulate=True)
+        if leave_one_out:
+            self._remove_self(out, idx.reshape(-1), keys)
+        return out.reshape(b, length, v)
+
+    def _remove_self(self, out: torch.Tensor, codes: torch.Tensor, keys: torch.Tensor) -> None:
+        """alpha(c, y) -= 1 in place where the pair (c, y) was counted."""
+        _, n_cy = self._target_counts(keys, codes)
+        seen = torch.nonzero(n_cy > 0).squeeze(1)
+        out[seen, codes[seen]] -= 1.0
+
+    def probs_and_evidence(self, indices: torch.Tensor, labels: torch.Tensor | None,
+                           leave_one_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p_ref (B, L, V), kappa_ref (B, L)) float32: the reference mean and its evidence n(c) + a_0."""
+        a = self.alpha(indices, labels, leave_one_out=leave_one_out)
+        kappa = a.sum(-1)
+        return a / kappa.unsqueeze(-1), kappa
+
+    def _token_nll(self, idx: torch.Tensor, lab: torch.Tensor, leave_one_out: bool) -> torch.Tensor:
+        """-log p_ref(y | c) (B, L) float64 from n(c) and n(c, y) alone."""
+        keys = self._keys(idx, lab).reshape(-1)
+        n_c, n_cy = self._target_counts(keys, idx.reshape(-1))
+        if leave_one_out:
+            dec = (n_cy > 0).to(torch.int64)
+            n_c, n_cy = n_c - dec, n_cy - dec
+        a0 = self.prior
+        p = (n_cy.to(torch.float64) + a0 / self.vocab_size) / (n_c.to(torch.float64) + a0)
+        return -torch.log(p).reshape(idx.shape)
+
+    def _nll_sums(self, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int,
+                  leave_one_out: bool) -> tuple[torch.Tensor, int]:
+        """(sum of -log p_ref per scale (K,) float64, number of images), in chunks of images."""
+        idx_all, lab_all = self._check_batch(indices, labels)
+        chunk = max(int(chunk), 1)
+        sums = torch.zeros(len(self.patch_nums), dtype=torch.float64, device=idx_all.device)
+        for start in range(0, idx_all.shape[0], chunk):
+            nll = self._token_nll(idx_all[start:start + chunk], lab_all[start:start + chunk], leave_one_out)
+            sums.index_add_(0, self._scale_of, nll.sum(0))
+        return sums, idx_all.shape[0]
+
+    def nll(self, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int = 256,
+            leave_one_out: bool = False) -> float:
+        """Mean -log p_ref(y | c) over all N L tokens without building (N, L, V): reads n(c), n(c, y) only."""
+        sums, n = self._nll_sums(indices, labels, chunk, leave_one_out)
+        return float(sums.sum() / (n * self.length)) if n else float("nan")
+
+    def nll_per_scale(self, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int = 256,
+                      leave_one_out: bool = False) -> list[float]:
+        """Mean -log p_ref(y | c) within each scale (K values): where the reference is sharp or flat."""
+        sums, n = self._nll_sums(indices, labels, chunk, leave_one_out)
+        if not n:
+            return [float("nan")] * len(self.patch_nums)
+        per_scale = torch.tensor([p * p for p in self.patch_nums], dtype=torch.float64, device=sums.device)
+        return (sums / (n * per_scale)).tolist()
+
+    # ------------------------------------------------------------ bookkeeping
+
+    @property
+    def num_contexts(self) -> int:
+        """M, the number of distinct contexts seen."""
+        return self.ctx_keys.numel()
+
+    @property
+    def num_pairs(self) -> int:
+        """P, the number of distinct (context, code) pairs seen."""
+        return self.pair_keys.numel()
+
+    def memory_bytes(self) -> int:
+        """Bytes of the stored tables: 24 M + 8 + 12 P (int32 counts), see the module doc."""
+        tables = (self.ctx_keys, self.ctx_totals, self.offsets, self.pair_keys, self.pair_counts)
+        return sum(t.numel() * t.element_size() for t in tables)
+
+    def state_dict(self) -> dict:
+        """Plain tensors (on CPU) and ints/strings, for torch.save."""
+        return dict(version=1, patch_nums=list(self.patch_nums), vocab_size=self.vocab_size,
+                    num_classes=self.num_classes, context=self.context, prior=self.prior,
+                    ctx_keys=self.ctx_keys.cpu(), ctx_totals=self.ctx_totals.cpu(),
+                    offsets=self.offsets.cpu(),
+                    pair_keys=self.pair_keys.cpu(), pair_counts=self.pair_counts.cpu())
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> EmpiricalReference:
+        """Inverse of state_dict (validates the table sizes)."""
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported empirical reference state version {state.get('version')!r}")
+        return cls(patch_nums=state["patch_nums"], vocab_size=state["vocab_size"],
+                   num_classes=state["num_classes"],
+                   context=state["context"], prior=state["prior"], ctx_keys=state["ctx_keys"],
+                   ctx_totals=state["ctx_totals"], offsets=state["offsets"], pair_keys=state["pair_keys"],
+                   pair_counts=state["pair_counts"])
+
+    def to(self, device) -> EmpiricalReference:
+        """A copy whose tables live on ``device`` (look-ups run where the tables are)."""
+        return EmpiricalReference(patch_nums=self.patch_nums, vocab_size=self.vocab_size,
+                                  num_classes=self.num_classes, context=self.context, prior=self.prior,
+                                  ctx_keys=self.ctx_keys.to(device), ctx_totals=self.ctx_totals.to(device),
+                                  offsets=self.offsets.to(device), pair_keys=self.pair_keys.to(device),
+                                  pair_counts=self.pair_counts.to(device))
+
+    def __repr__(self) -> str:
+        return (f"EmpiricalReference(context={self.context!r}, prior={self.prior}, V={self.vocab_size}, "
+                f"C={self.num_classes}, contexts={self.num_contexts}, pairs={self.num_pairs}, "
+                f"bytes={self.memory_bytes()})")
+
+
+def select_reference(train_indices: torch.Tensor, train_labels: torch.Tensor | None,
+                     heldout_indices: torch.Tensor, heldout_labels: torch.Tensor | None,
+                     patch_nums: Sequence[int], vocab_size: int, num_classes: int, contexts: Sequence[str],
+                     priors: Sequence[float], chunk: int = 4096) -> tuple[EmpiricalReference, list[dict]]:
+    """Fit each (context, prior), score held-out NLL, return the best and the table of rows.
+
+    Rows are {context, prior, heldout_nll, contexts_seen, pairs, memory_bytes},
+    one per (context, prior) in the given order. Counts depend only on the
+    context, so they are fitted once per context and the prior is varied with
+    ``with_prior`` (no refit). Ties go to the first row, so list the cheaper
+    contexts first.
+    """
+    contexts, priors = list(contexts), [_check_prior(p) for p in priors]
+    if not contexts or not priors:
+        raise ValueError("select_reference needs at least one context and one prior")
+    for c in contexts:
+        _check_context(c)
+    best, best_nll, rows = None, math.inf, []
+    for context in contexts:
+        base = EmpiricalReference.fit(train_indices, train_labels, patch_nums, vocab_size, num_classes,
+                                      context, priors[0], chunk=chunk)
+        for prior in priors:
+            ref = base.with_prior(prior)
+            nll = ref.nll(heldout_indices, heldout_labels)
+            rows.append(dict(context=context, prior=prior, heldout_nll=nll, contexts_seen=ref.num_contexts,
+                             pairs=ref.num_pairs, memory_bytes=ref.memory_bytes()))
+            if nll < best_nll:
+                best, best_nll = ref, nll
+    if best is None:  # every NLL was NaN (empty held-out set): nothing to compare
+        raise ValueError("held-out NLL is undefined (empty held-out set?); cannot select a reference")
+    return best, rows

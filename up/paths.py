@@ -1,0 +1,26 @@
+"""Where every stage reads and writes: the one place for file names (dvc.yaml
+spells the same paths for DVC)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREPARED = Path("data/prepared")
+TOKENS = Path("data/tokens")
+TOKENIZER = Path("models/tokenizer.pt")
+EVALUATOR = Path("models/evaluator.pt")
+REFERENCE = Path("models/reference.pt")
+CHECKPOINTS = Path("checkpoints")
+
+
+def run_tag(variant: str, seed: int) -> str:
+    """The name of one variant's run with one training seed: ``ce-s0``."""
+    return f"{variant}-s{seed}"
+
+
+def model(variant: str, seed: int) -> Path:
+    return Path("models") / f"var-{run_tag(variant, seed)}.pt"
+
+
+def samples(variant: str, seed: int) -> Path:
+    return Path("samples") / run_tag(variant, seed)
