@@ -55,7 +55,7 @@ def run_batch(params, device, models, use_cache: bool, seed: int = 0) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    sample(var, tokenizer, labels, cfg=sp.cfg, cfg_schedule=sp.cfg_schedule, top_k=sp.top_k,
+    sample(var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k,
            top_p=sp.top_p, temperature=sp.temperature, generator=generator,
            code_to_cluster=code_to_cluster, num_clusters=params.tokenizer.semantic_clusters,
            use_cache=use_cache)
@@ -108,7 +108,7 @@ def main() -> None:
     sp, tr = params.sample, params.transformer
     print(f"VAR depth {tr.depth} width {tr.width} ({models[0].num_parameters() / 1e6:.2f}M params), "
           f"L={models[0].seq_len}, V={params.tokenizer.vocab_size}, batch {sp.batch_size}, "
-          f"cfg {sp.cfg} ({sp.cfg_schedule}), device {device}, threads {params.threads}")
+          f"guidance {sp.guidance} ({sp.guidance_schedule}), device {device}, threads {params.threads}")
     for use_cache in MODES.values():  # warm-up
         run_batch(params, device, models, use_cache)
     times = {mode: [] for mode in MODES}

@@ -122,7 +122,7 @@ def generate(
     classes: Annotated[str, typer.Option(help="Comma-separated class ids.")] = "0,1,2,3,4,5,6,7,8,9",
     n: Annotated[int, typer.Option(help="Images per class.")] = 8,
     seed: int = 0,
-    cfg: float = 2.0,
+    guidance: float = 2.0,
     top_k: int = 0,
     top_p: float = 1.0,
     temperature: float = 1.0,
@@ -133,7 +133,7 @@ def generate(
     except ValueError:
         _fail([f"--classes {classes!r}: expected comma-separated integers"], 2)
     _run("generate", seed=seed, checkpoint=checkpoint, tokenizer=tokenizer_path,
-         classes=class_ids, n=n, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+         classes=class_ids, n=n, guidance=guidance, top_k=top_k, top_p=top_p, temperature=temperature,
          out=out)
 
 

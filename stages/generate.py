@@ -20,7 +20,7 @@ from up.transformer import load_var
 
 
 def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n: int,
-        seed: int, cfg: float, top_k: int, top_p: float, temperature: float, out: Path) -> None:
+        seed: int, guidance: float, top_k: int, top_p: float, temperature: float, out: Path) -> None:
     device = resolve_device(params.device)
     var = load_var(checkpoint, ema=True).to(device)
     bad = [c for c in classes if not 0 <= c < var.num_classes]
@@ -31,9 +31,9 @@ def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n
     code_to_cluster, num_clusters = load_code_clusters(tokenizer)
     labels = torch.tensor(classes).repeat_interleave(n)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images, _, unc = sample(var, vq, labels, cfg=cfg, top_k=top_k, top_p=top_p,
+    images, _, unc = sample(var, vq, labels, guidance=guidance, top_k=top_k, top_p=top_p,
                             temperature=temperature, generator=generator,
                             code_to_cluster=code_to_cluster, num_clusters=num_clusters)
     save_image_grid(images, out, nrow=n)
-    print(f"wrote {out}: {len(classes)} classes x {n} images, seed {seed}, cfg {cfg}, "
+    print(f"wrote {out}: {len(classes)} classes x {n} images, seed {seed}, guidance {guidance}, "
           f"mean token entropy {unc['image']['entropy'].mean():.3f} nats")

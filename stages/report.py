@@ -14,7 +14,9 @@ from up.report import (
     aggregate,
     grids_figure,
     headline,
+    PAIRED_KEYS,
     markdown,
+    paired_differences,
     reliability_figure,
     selective_figure,
 )
@@ -44,8 +46,11 @@ def run(params: Params) -> None:
     summary = aggregate(runs, keys)
     fractions = {r.get("selective_fraction") for by_seed in runs.values() for r in by_seed.values()}
     fraction = fractions.pop() if len(fractions) == 1 else None
-    save_text(markdown(summary, fraction), OUT / "summary.md")
-    save_json(summary, OUT / "summary.json")
+    baselines = [params.teacher] + [n for n, v in params.derived.items() if v.loss == "ts"]
+    paired = {b: paired_differences(runs, b, [k for k, _ in PAIRED_KEYS])
+              for b in baselines if b in runs} if len(params.seeds) > 1 else {}
+    save_text(markdown(summary, fraction, paired), OUT / "summary.md")
+    save_json({"variants": summary, "paired": paired}, OUT / "summary.json")
     save_json(headline(summary), OUT / "metrics.json")
 
     save_figure(grids_figure({n: Path("samples") / n / "grid.png" for n in first.values()}),

@@ -99,7 +99,7 @@ def run(params: Params, variant: str, seed: int) -> None:
 
     generator = torch.Generator(device=device).manual_seed(seed)
     bf16 = device.type == "cuda" and params.train.bf16
-    kwargs = dict(cfg=sp.cfg, cfg_schedule=sp.cfg_schedule, top_k=sp.top_k, top_p=sp.top_p,
+    kwargs = dict(guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k, top_p=sp.top_p,
                   temperature=sp.temperature, scale_temperatures=scale_temperatures,
                   code_to_cluster=code_to_cluster,
                   num_clusters=num_clusters)

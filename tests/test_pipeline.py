@@ -18,9 +18,16 @@ from up.report import HEADLINE_KEYS
 def repro(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("e2e") / "p",
                            {**TINY, "variants": {"ce": {"loss": "ce"},
-                                                 "up": {"loss": "up", "calib_every": 2}}})
+                                                 "up": {"loss": "up", "calib_every": 2},
+                                                 "up_emp": {"loss": "up",
+                                                            "reference": "empirical"}},
+                            "derived": {"up_teacher": {"loss": "up", "reference": "teacher"}}})
     run(["dvc", "repro"], project)
     return project
+
+
+def metrics_of(project, name: str) -> dict:
+    return json.loads((project / f"metrics/eval-{name}-s0.json").read_text())
 
 
 def test_repro_writes_every_stage_output(repro):
@@ -33,8 +40,12 @@ def test_repro_writes_every_stage_output(repro):
         metrics = json.loads((repro / f"metrics/eval-{variant}-s0.json").read_text())
         for key in ("fid", "kid_mean", "is_mean", "precision", "recall", "ece", "diversity"):
             assert isinstance(metrics[key], float), key
-    summary = json.loads((repro / "results/summary.json").read_text())
-    assert summary  # one entry per variant
+    summary = json.loads((repro / "results/summary.json").read_text())["variants"]
+    assert list(summary) == ["ce", "ls", "lr", "up", "up_emp", "ce+ts", "up_teacher"]
+    reference = json.loads((repro / "metrics/reference.json").read_text())
+    assert reference["context"] in ("parent", "parent_class")
+    assert reference["heldout_nll"] == min(r["heldout_nll"] for r in reference["candidates"])
+    assert summary["ce"]["metrics"]["fid"]["mean"] == metrics_of(repro, "ce")["fid"]
     status = run(["dvc", "status"], repro).stdout
     assert "up to date" in status or status.strip() == "", status
 

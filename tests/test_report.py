@@ -10,7 +10,7 @@ import yaml
 from up.config import load_params
 from up.errors import StageError
 from up.io import save_image_grid, save_json
-from up.report import HEADLINE_KEYS, MAIN_COLUMNS, SELECTIVE_COLUMNS
+from up.report import HEADLINE_KEYS, MAIN_COLUMNS, SELECTIVE_COLUMNS, paired_differences
 
 SCORES = ["entropy", "dispersion", "semantic_entropy", "random"]
 
@@ -57,7 +57,7 @@ def test_table_equals_metric_files_mean_and_std_over_seeds(tmp_path, monkeypatch
     make_project(tmp_path, ["ce", "up"], [0, 1])
     monkeypatch.chdir(tmp_path)
     run(load_params())
-    summary = json.loads((tmp_path / "results/summary.json").read_text())
+    summary = json.loads((tmp_path / "results/summary.json").read_text())["variants"]
     rows = table_rows((tmp_path / "results/summary.md").read_text())
     assert list(rows) == ["ce", "up"]
     for variant in ("ce", "up"):
@@ -107,3 +107,42 @@ def test_missing_run_is_named(tmp_path, monkeypatch):
     with pytest.raises(StageError, match="metrics/eval-up-s0.json"):
         run(load_params())
     assert not (tmp_path / "results").exists()
+
+
+def test_paired_difference_interval_by_hand():
+    runs = {"ce": {s: {"fid": v} for s, v in zip((0, 1, 2), (1.0, 2.0, 3.0), strict=True)},
+            "up": {s: {"fid": v} for s, v in zip((0, 1, 2), (1.5, 2.1, 3.7), strict=True)}}
+    cell = paired_differences(runs, "ce", ["fid"])["up"]["fid"]
+    # diffs 0.5, 0.1, 0.7: mean 0.4333, sd 0.30551, t(0.975, 2) = 4.302653
+    half = 4.302653 * 0.305505 / 3 ** 0.5
+    assert cell["mean"] == pytest.approx(0.433333, abs=1e-6)
+    assert cell["low"] == pytest.approx(0.433333 - half, abs=1e-5)
+    assert cell["high"] == pytest.approx(0.433333 + half, abs=1e-5)
+    assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2]
+
+
+def test_report_has_paired_tables_against_teacher_and_ts(tmp_path, monkeypatch):
+    from stages.report import run
+
+    make_project(tmp_path, ["ce", "up"], [0, 1])
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["derived"] = {"ce+ts": {"loss": "ts"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for seed in (0, 1):
+        metrics = eval_metrics(0, seed)
+        metrics["fid"] += 0.25 * (seed + 1)  # ce+ts - ce: +0.25, +0.5
+        save_json(metrics, tmp_path / "metrics" / f"eval-ce+ts-s{seed}.json")
+    for rel in ("plots/eval/ce-s0/reliability.json", "plots/eval/ce-s0/selective.json",
+                "samples/ce-s0/grid.png"):
+        target = tmp_path / rel.replace("ce-s0", "ce+ts-s0")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((tmp_path / rel).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    run(load_params())
+    paired = json.loads((tmp_path / "results/summary.json").read_text())["paired"]
+    assert set(paired) == {"ce", "ce+ts"}
+    assert paired["ce"]["ce+ts"]["fid"]["mean"] == pytest.approx(0.375)
+    assert paired["ce"]["up"]["fid"]["mean"] == pytest.approx(10.0)
+    assert paired["ce+ts"]["up"]["fid"]["mean"] == pytest.approx(10.0 - 0.375)
+    text = (tmp_path / "results/summary.md").read_text()
+    assert "### Paired with `ce`" in text and "### Paired with `ce+ts`" in text

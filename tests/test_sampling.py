@@ -43,13 +43,13 @@ def models():
 
 def draw(models, seed=0, labels=LABELS, **kwargs):
     var, tok = models
-    kwargs = {"cfg": 2.0, **kwargs}
+    kwargs = {"guidance": 2.0, **kwargs}
     return sample(var, tok, labels, generator=torch.Generator().manual_seed(seed),
                   code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS, **kwargs)
 
 
 @torch.no_grad()
-def teacher_forced(models, labels, indices, cfg, schedule="linear", temperature=1.0):
+def teacher_forced(models, labels, indices, guidance, schedule="linear", temperature=1.0):
     """The sampled-from logits per scale, recomputed by one full forward pass on
     the generated tokens (no cache, no sampler code)."""
     var, tok = models
@@ -59,7 +59,7 @@ def teacher_forced(models, labels, indices, cfg, schedule="linear", temperature=
     uncond = var(null, x)
     out = []
     for k, (begin, end) in enumerate(var.begin_ends):
-        t = guidance_ratio(cfg, schedule, k, len(PATCH_NUMS)) if (labels >= 0).any() else 0.0
+        t = guidance_ratio(guidance, schedule, k, len(PATCH_NUMS)) if (labels >= 0).any() else 0.0
         out.append(((1 + t) * cond[:, begin:end] - t * uncond[:, begin:end]) / temperature)
     return out
 
@@ -105,10 +105,10 @@ def test_output_format(models):
                                rtol=0)
 
 
-@pytest.mark.parametrize("cfg", [0.0, 2.5])
-def test_kv_cache_equals_no_cache(models, cfg):
-    images, indices, unc = draw(models, seed=3, cfg=cfg, use_cache=True)
-    images2, indices2, unc2 = draw(models, seed=3, cfg=cfg, use_cache=False)
+@pytest.mark.parametrize("guidance", [0.0, 2.5])
+def test_kv_cache_equals_no_cache(models, guidance):
+    images, indices, unc = draw(models, seed=3, guidance=guidance, use_cache=True)
+    images2, indices2, unc2 = draw(models, seed=3, guidance=guidance, use_cache=False)
     for a, b in zip(indices, indices2, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(images, images2)
@@ -133,15 +133,15 @@ def test_same_seed_same_images_across_thread_counts(models):
     assert not all(torch.equal(a, b) for a, b in zip(one[1], other[1], strict=True))
 
 
-@pytest.mark.parametrize("cfg, schedule, temperature", [
+@pytest.mark.parametrize("guidance, schedule, temperature", [
     (0.0, "linear", 1.0), (3.0, "linear", 1.0), (1.5, "constant", 0.7)])
-def test_recorded_uncertainty_equals_recomputed(models, cfg, schedule, temperature):
+def test_recorded_uncertainty_equals_recomputed(models, guidance, schedule, temperature):
     """Entropy, dispersion and semantic entropy of the distribution sampled from,
     recomputed by hand from teacher-forced logits at every position."""
     kappa = 2.0
-    _, indices, unc = draw(models, seed=1, cfg=cfg, cfg_schedule=schedule,
+    _, indices, unc = draw(models, seed=1, guidance=guidance, guidance_schedule=schedule,
                            temperature=temperature, kappa=kappa, top_k=3)
-    logits = teacher_forced(models, LABELS, indices, cfg, schedule, temperature)
+    logits = teacher_forced(models, LABELS, indices, guidance, schedule, temperature)
     for k, z in enumerate(logits):
         p = z.softmax(-1)
         entropy = -(p * p.log()).sum(-1)
@@ -153,22 +153,22 @@ def test_recorded_uncertainty_equals_recomputed(models, cfg, schedule, temperatu
                                ("semantic_entropy", semantic)]:
             torch.testing.assert_close(unc["maps"][name][k], expected.view(shape),
                                        rtol=1e-4, atol=1e-5)
-    if cfg > 0:  # guidance really changed the distribution at guided scales
+    if guidance > 0:  # guidance really changed the distribution at guided scales
         cond_only = teacher_forced(models, LABELS, indices, 0.0, schedule, temperature)
         h = -(cond_only[-1].softmax(-1) * cond_only[-1].log_softmax(-1)).sum(-1)
         assert (h.view_as(unc["maps"]["entropy"][-1]) - unc["maps"]["entropy"][-1]).abs().max() \
             > 1e-3
 
 
-def test_cfg_zero_ignores_the_null_class():
-    """cfg = 0 is the conditional model alone: the null class cannot matter."""
+def test_guidance_zero_ignores_the_null_class():
+    """guidance = 0 is the conditional model alone: the null class cannot matter."""
     var, tok = build_models()
-    before = draw((var, tok), seed=2, cfg=0.0)
-    guided = draw((var, tok), seed=2, cfg=4.0)
+    before = draw((var, tok), seed=2, guidance=0.0)
+    guided = draw((var, tok), seed=2, guidance=4.0)
     with torch.no_grad():
         var.class_emb.weight[CLASSES].normal_()
-    after = draw((var, tok), seed=2, cfg=0.0)
-    after_guided = draw((var, tok), seed=2, cfg=4.0)
+    after = draw((var, tok), seed=2, guidance=0.0)
+    after_guided = draw((var, tok), seed=2, guidance=4.0)
     assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(guided[1], after_guided[1], strict=True))
 
@@ -177,17 +177,17 @@ def test_top_k_one_is_greedy(models):
     _, indices, _ = draw(models, seed=0, top_k=1)
     _, indices2, _ = draw(models, seed=123, top_k=1)
     assert all(torch.equal(a, b) for a, b in zip(indices, indices2, strict=True))
-    logits = teacher_forced(models, LABELS, indices, cfg=2.0)
+    logits = teacher_forced(models, LABELS, indices, guidance=2.0)
     for idx, z in zip(indices, logits, strict=True):
         assert torch.equal(idx.flatten(1), z.argmax(-1))
 
 
 def test_unconditional_labels_use_the_null_class(models):
     labels = torch.full((4,), -1)
-    _, indices, unc = draw(models, seed=4, labels=labels, cfg=0.0)
-    _, indices_cfg, _ = draw(models, seed=4, labels=labels, cfg=3.0)
-    assert all(torch.equal(a, b) for a, b in zip(indices, indices_cfg, strict=True))
-    logits = teacher_forced(models, labels, indices, cfg=0.0)
+    _, indices, unc = draw(models, seed=4, labels=labels, guidance=0.0)
+    _, indices_guided, _ = draw(models, seed=4, labels=labels, guidance=3.0)
+    assert all(torch.equal(a, b) for a, b in zip(indices, indices_guided, strict=True))
+    logits = teacher_forced(models, labels, indices, guidance=0.0)
     h = -(logits[2].softmax(-1) * logits[2].log_softmax(-1)).sum(-1)
     torch.testing.assert_close(unc["maps"]["entropy"][2].flatten(1), h, rtol=1e-4, atol=1e-5)
 
@@ -201,7 +201,7 @@ def project(tmp_path, monkeypatch, models):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["device"] = "cpu"
     params["sample"].update(n_per_class=3, batch_size=4, grid_per_class=2, save_pngs=True,
-                            cfg=1.5)
+                            guidance=1.5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     save_torch(dict(config=tok.config, state_dict=tok.state_dict(),
                     code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS),
@@ -224,7 +224,7 @@ def test_sample_stage(project, models):
     N = CLASSES * 3
     assert saved["labels"].tolist() == [c for c in range(CLASSES) for _ in range(3)]
     assert saved["images"].shape == (N, 1, 8, 8) and saved["images"].dtype == torch.uint8
-    assert saved["seed"] == 0 and saved["config"]["cfg"] == 1.5
+    assert saved["seed"] == 0 and saved["config"]["guidance"] == 1.5
     unc = saved["uncertainty"]
     assert [tuple(m.shape) for m in unc["maps"]["semantic_entropy"]] == \
         [(N, p, p) for p in PATCH_NUMS]
@@ -232,7 +232,7 @@ def test_sample_stage(project, models):
     # batches of 4 share one generator: same images as sampling batch by batch by hand
     gen = torch.Generator().manual_seed(0)
     var, tok = models
-    by_hand = [sample(var, tok, saved["labels"][s:s + 4], cfg=1.5, generator=gen,
+    by_hand = [sample(var, tok, saved["labels"][s:s + 4], guidance=1.5, generator=gen,
                       code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS)[0]
                for s in range(0, N, 4)]
     assert torch.equal(torch.cat(by_hand), saved["images"])
@@ -250,5 +250,5 @@ def test_generate_command(project):
     out = project / "gen.png"
     generate.run(load_params(), checkpoint=project / "models" / "var-ce-s0.pt",
                  tokenizer=project / "models" / "tokenizer.pt", classes=[1, 3], n=3, seed=0,
-                 cfg=2.0, top_k=0, top_p=0.9, temperature=1.0, out=out)
+                 guidance=2.0, top_k=0, top_p=0.9, temperature=1.0, out=out)
     assert Image.open(out).size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)

@@ -171,8 +171,8 @@ class ReferenceParams(Section):
 class SampleParams(Section):
     n_per_class: int = Field(100, ge=1)
     batch_size: int = Field(100, ge=1)
-    cfg: float = Field(2.0, ge=0)
-    cfg_schedule: Literal["linear", "constant"] = "linear"
+    guidance: float = Field(2.0, ge=0)
+    guidance_schedule: Literal["linear", "constant"] = "linear"
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)

@@ -46,6 +46,68 @@ def aggregate(runs: dict[str, dict[int, dict]], keys: Sequence[str]) -> dict[str
     return summary
 
 
+# The figures of the paired comparison with the baselines (variant minus baseline, per seed).
+PAIRED_KEYS = [("fid", "FID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
+               ("diversity", "diversity"), ("class_accuracy", "class acc ↑"), ("ece", "ECE ↓"),
+               ("nll", "NLL ↓")]
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float | int | None]:
+    """Mean and Student-t interval of the mean; with n seeds the interval has n - 1
+    degrees of freedom (3 seeds: t = 4.30, so it is wide)."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(values) / n ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def paired_differences(runs: dict[str, dict[int, dict]], baseline: str,
+                       keys: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """For every other variant, per key: the differences variant - baseline seed by
+    seed (same training seed: same data order, same sampling seed), their mean and
+    95 % t-interval. Only the seeds both ran are paired."""
+    out = {}
+    for variant, by_seed in runs.items():
+        if variant == baseline:
+            continue
+        seeds = sorted(set(by_seed) & set(runs[baseline]))
+        out[variant] = {}
+        for key in keys:
+            diffs = [by_seed[s].get(key) - runs[baseline][s].get(key) for s in seeds
+                     if by_seed[s].get(key) is not None and runs[baseline][s].get(key) is not None]
+            out[variant][key] = {**t_interval(diffs), "seeds": seeds} if diffs else None
+    return out
+
+
+def _paired_cell(entry: dict | None) -> str:
+    if entry is None:
+        return "n/a"
+    if entry["low"] is None:
+        return f"{entry['mean']:+.3g}"
+    star = "*" if entry["low"] > 0 or entry["high"] < 0 else ""
+    return f"{entry['mean']:+.3g} [{entry['low']:+.2g}, {entry['high']:+.2g}]{star}"
+
+
+def paired_markdown(paired: dict[str, dict[str, dict]]) -> list[str]:
+    """One table per baseline: rows variants, cells mean difference [95 % interval];
+    * marks an interval that excludes 0."""
+    lines = []
+    for baseline, by_variant in paired.items():
+        head = ["variant − " + baseline, "seeds"] + [title for _, title in PAIRED_KEYS]
+        lines += ["", f"### Paired with `{baseline}`", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for variant, cells in by_variant.items():
+            seeds = next((c["seeds"] for c in cells.values() if c is not None), [])
+            row = [variant, ",".join(map(str, seeds))]
+            row += [_paired_cell(cells[key]) for key, _ in PAIRED_KEYS]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 # The figures `dvc exp show` lists per experiment (results/metrics.json).
 HEADLINE_KEYS = ["fid", "kid_mean", "is_mean", "precision", "recall", "diversity",
                  "class_accuracy", "ece"]
@@ -78,7 +140,8 @@ def _table(summary: dict[str, dict], columns: list[tuple[str, str]]) -> list[str
     return lines
 
 
-def markdown(summary: dict[str, dict], selective_fraction: float | None) -> str:
+def markdown(summary: dict[str, dict], selective_fraction: float | None,
+             paired: dict[str, dict[str, dict]] | None = None) -> str:
     extractors = sorted({e for v in summary.values() for e in v["feature_extractor"]})
     multi = any(len(v["seeds"]) > 1 for v in summary.values())
     lines = [
@@ -94,6 +157,12 @@ def markdown(summary: dict[str, dict], selective_fraction: float | None) -> str:
         "",
         *_table(summary, MAIN_COLUMNS),
     ]
+    if paired:
+        lines += ["", "## Paired differences over seeds",
+                  "", "Each cell: mean over seeds of (variant − baseline) with the same training "
+                  "seed (same data order and sampling seed), and its 95 % Student-t interval "
+                  "(n − 1 degrees of freedom: with 3 seeds t = 4.30, so intervals are wide); "
+                  "* marks an interval that excludes 0.", *paired_markdown(paired)]
     if selective_fraction is not None:
         lines += [
             "",

@@ -16,14 +16,14 @@ from up.tokenizer import to_uint8
 from up.uncertainty import MEASURES, aggregate, token_uncertainty
 
 
-def guidance_ratio(cfg: float, schedule: str, k: int, num_scales: int) -> float:
+def guidance_ratio(guidance: float, schedule: str, k: int, num_scales: int) -> float:
     """Guidance strength t at scale k (0-based): ``linear`` grows from 0 at the
-    first scale to cfg at the last (VAR: coarse layout free, details guided)."""
+    first scale to ``guidance`` at the last (VAR: coarse layout free, details guided)."""
     if schedule == "constant":
-        return cfg
+        return guidance
     if schedule == "linear":
-        return cfg * k / max(num_scales - 1, 1)
-    raise ValueError(f"unknown cfg_schedule {schedule!r} (linear | constant)")
+        return guidance * k / max(num_scales - 1, 1)
+    raise ValueError(f"unknown guidance_schedule {schedule!r} (linear | constant)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -51,8 +51,8 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 @torch.no_grad()
-def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
-           cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 1.0,
+def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float = 0.0,
+           guidance_schedule: str = "linear", top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, scale_temperatures: torch.Tensor | None = None,
            generator: torch.Generator,
            code_to_cluster: torch.Tensor, num_clusters: int, kappa: float = 1.0,
@@ -63,7 +63,7 @@ def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
     (1 + t) * cond - t * uncond (VAR's formula) divided by the temperature
     (times the scale's temperature in ``scale_temperatures``, post-hoc
     temperature scaling: dividing both branches by T_k divides their mix);
-    with cfg = 0 (or no conditional label) the null branch is skipped. The
+    with guidance = 0 (or no conditional label) the null branch is skipped. The
     sampled indices feed both halves, as in VAR.
 
     Returns (images uint8 (B, C, H, W), indices [(B, p_k, p_k)] * K,
@@ -77,7 +77,7 @@ def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
     B, patch_nums = labels.shape[0], var.patch_nums
     null = var.num_classes
     cond_labels = torch.where(labels < 0, null, labels)
-    guided = cfg > 0 and bool((labels >= 0).any())
+    guided = guidance > 0 and bool((labels >= 0).any())
     model_labels = torch.cat((cond_labels, torch.full_like(cond_labels, null))) if guided \
         else cond_labels
     code_to_cluster = code_to_cluster.to(device)
@@ -98,7 +98,7 @@ def sample(var, tokenizer, labels: torch.Tensor, *, cfg: float = 0.0,
                 logits = var(model_labels, var_input)[:, begin:end]
             logits = logits.float()
             if guided:
-                t = guidance_ratio(cfg, cfg_schedule, k, len(patch_nums))
+                t = guidance_ratio(guidance, guidance_schedule, k, len(patch_nums))
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
             logits = logits / (temperature * t_k)
