@@ -78,7 +78,8 @@ def test_exp_run_with_override_is_listed(repro, experiment):
     # The README's command: only the headline figures of each variant, one row per experiment.
     table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep",
                  rf"Experiment|[^/:]+\.({HEADLINE})$"], repro).stdout.splitlines()
-    variants = yaml.safe_load((repro / "params.yaml").read_text())["variants"]
+    declared = yaml.safe_load((repro / "params.yaml").read_text())
+    variants = [*declared["variants"], *declared["derived"]]
     header = table[0].split(",")
     assert header == ["Experiment"] + [f"{v}.{k}" for v in variants for k in HEADLINE.split("|")]
     assert any(line.startswith(experiment) for line in table[1:])
