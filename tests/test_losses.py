@@ -213,6 +213,14 @@ def test_fused_loss_matches_composition_of_public_functions(penalty, reference, 
     targets = torch.randint(0, V, (3, 5))
     total, parts = loss(logits, targets)
     expected = _reference_composition(loss, logits, targets)
+    plain = _up(penalty=penalty, reference=reference, semantic=semantic, fused=False)
+    plain.load_state_dict(loss.state_dict())
+    plain_total, plain_parts = plain(logits, targets)
+    for name in parts:  # the fused kernel equals the module's own plain composition
+        assert torch.allclose(parts[name], plain_parts[name], atol=1e-12), name
+    (g_fused,) = torch.autograd.grad(loss(logits, targets)[0].sum(), logits)  # a fresh graph
+    (g_plain,) = torch.autograd.grad(plain_total.sum(), logits)
+    assert torch.allclose(g_fused, g_plain, atol=1e-12)
     assert set(parts) == {"ce", "disp", "se"}
     for name in parts:
         assert not parts[name].requires_grad

@@ -146,6 +146,7 @@ class UPVariant(Section):
     smoothing: float = Field(0.1, gt=0, lt=1)
     semantic: Literal["match", "nll"] = "match"
     calib_every: int = Field(50, ge=1)
+    fused: bool = True  # the fused kernel; false: the plain composition (same values)
 
 
 class TSVariant(Section):

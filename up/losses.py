@@ -352,8 +352,9 @@ class UncertaintyPreservingLoss(TokenLoss):
                  penalty: str = "w2", reference: str = "calibrated", smoothing: float = 0.1,
                  semantic: str = "match", code_to_cluster: torch.Tensor | None = None,
                  num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
-                 num_scales: int | None = None):
+                 num_scales: int | None = None, fused: bool = True):
         super().__init__()
+        self.fused = fused
         if kappa <= 0:
             raise ValueError(f"kappa={kappa} must be > 0")
         if lambda_disp < 0 or lambda_se < 0:
@@ -411,15 +412,44 @@ class UncertaintyPreservingLoss(TokenLoss):
                 given = ref_probs.reshape(flat.shape).to(flat.dtype)
                 if ref_kappa is not None:
                     kappa = ref_kappa.reshape(-1).to(flat.dtype)
-            ce, disp, se = _UncertaintyPreserving.apply(
-                flat, targets.reshape(-1), inv_temp, given, self.smoothing, kappa, self.penalty,
-                self.semantic, self.code_to_cluster, self.num_clusters)
+            run = _UncertaintyPreserving.apply if self.fused else self._plain
+            ce, disp, se = run(flat, targets.reshape(-1), inv_temp, given, self.smoothing, kappa,
+                               self.penalty, self.semantic, self.code_to_cluster,
+                               self.num_clusters)
         total, parts = ce, {"ce": ce}
         if self.penalty is not None:
             total, parts["disp"] = total + self.lambda_disp * disp, disp
         if self.semantic is not None:
             total, parts["se"] = total + self.lambda_se * se, se
         return total.view(batch_shape), {k: v.detach().view(batch_shape) for k, v in parts.items()}
+
+
+    @staticmethod
+    def _plain(logits, targets, inv_temp, given, smoothing, kappa, penalty, semantic,
+               code_to_cluster, num_clusters):
+        """The same (ce, disp, se) as the fused function, written with the public
+        functions above and differentiated by autograd: the readable definition
+        (``fused: false``), and what the fused kernel is tested against."""
+        probs = logits.softmax(-1)
+        if given is not None:
+            ref = given
+        elif inv_temp is not None:
+            ref = (logits.detach() * inv_temp).softmax(-1)
+        else:
+            vocab = logits.shape[-1]
+            ref = (1 - smoothing) * F.one_hot(targets, vocab).to(logits.dtype) + smoothing / vocab
+        ce = cross_entropy_loss(logits, targets)
+        disp = dispersion_penalty(probs, ref, kappa, penalty) if penalty else ce.new_zeros(0)
+        if semantic == "match":
+            se = (semantic_entropy(probs, code_to_cluster, num_clusters)
+                  - semantic_entropy(ref, code_to_cluster, num_clusters)).square()
+        elif semantic == "nll":
+            cluster_p = cluster_probs(probs, code_to_cluster, num_clusters)
+            se = -_entropy_terms(cluster_p.gather(-1, code_to_cluster[targets].unsqueeze(-1))
+                                 ).squeeze(-1)
+        else:
+            se = ce.new_zeros(0)
+        return ce, disp, se
 
 
 LOSSES = {"ce": CrossEntropy, "ls": LabelSmoothing, "lr": LabelRelaxation,
