@@ -55,8 +55,8 @@ def run_batch(params, device, models, use_cache: bool, seed: int = 0) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    sample(var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k,
-           top_p=sp.top_p, temperature=sp.temperature, generator=generator,
+    sample(var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
+           top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, generator=generator,
            code_to_cluster=code_to_cluster, num_clusters=params.tokenizer.semantic_clusters,
            use_cache=use_cache)
     if device.type == "cuda":

@@ -137,5 +137,37 @@ def generate(
          out=out)
 
 
+@app.command("import-var")
+def import_var(
+    vae: Annotated[Path | None, typer.Option(help="VAR's VQ-VAE, e.g. vae_ch160v4096z32.pth.")] = None,
+    var: Annotated[Path | None, typer.Option(help="VAR's transformer, e.g. var_d16.pth.")] = None,
+    tokenizer_out: Annotated[Path, typer.Option(help="Our tokenizer checkpoint to write.")
+                             ] = Path("models/tokenizer.pt"),
+    var_out: Annotated[Path | None, typer.Option(help="Our transformer checkpoint to write "
+                                                 "(default: models/var-d<depth>-imported.pt).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="Codebook clusters for semantic entropy "
+                                                 "(default: tokenizer.semantic_clusters).")] = None,
+) -> None:
+    """Import VAR's released VQ-VAE and/or transformer (sizes inferred, every key checked)."""
+    _run("interop", action="import", vae=vae, var=var, tokenizer_out=tokenizer_out,
+         var_out=var_out, clusters=clusters)
+
+
+@app.command("export-var")
+def export_var(
+    tokenizer_path: Annotated[Path | None, typer.Option("--tokenizer", help="Our tokenizer (arch var).")
+                              ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Our models/var-*.pt checkpoint.")] = None,
+    vae_out: Annotated[Path | None, typer.Option(
+        help="VAR-format VQ-VAE to write (default: exported/vae_ch<W>v<V>z<C>.pth).")] = None,
+    var_out: Annotated[Path | None, typer.Option(
+        help="VAR-format transformer to write (default: exported/var_d<depth>.pth).")] = None,
+    ema: Annotated[bool, typer.Option(help="Export the EMA weights when the checkpoint has them.")] = True,
+) -> None:
+    """Write state dicts that VAR's own code loads (strict) from our tokenizer and/or transformer."""
+    _run("interop", action="export", tokenizer=tokenizer_path, checkpoint=checkpoint,
+         vae_out=vae_out, var_out=var_out, ema=ema)
+
+
 if __name__ == "__main__":
     app()

@@ -10,11 +10,11 @@ from up.errors import StageError
 from up.io import save_figure, save_json, save_text
 from up.report import (
     MAIN_COLUMNS,
+    PAIRED_KEYS,
     SELECTIVE_COLUMNS,
     aggregate,
     grids_figure,
     headline,
-    PAIRED_KEYS,
     markdown,
     paired_differences,
     reliability_figure,

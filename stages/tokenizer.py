@@ -36,6 +36,26 @@ def load_split(name: str) -> dict:
     return load_torch(path, f"{name} split")
 
 
+def given_tokenizer(path: Path, tp, channels: int):
+    """(model, its code clusters or None) of ``tokenizer.init_from``, checked against
+    the params that the rest of the pipeline reads."""
+    from up.tokenizer import load_tokenizer
+
+    model = load_tokenizer(path, "cpu")
+    want = {"vocab_size": tp.vocab_size, "latent_channels": tp.latent_channels,
+            "patch_nums": list(tp.patch_nums), "arch": tp.arch, "downsample": tp.downsample,
+            "in_channels": channels}
+    have = {"vocab_size": model.vocab_size, "latent_channels": model.latent_channels,
+            "patch_nums": list(model.patch_nums), "arch": model.arch,
+            "downsample": model.downsample, "in_channels": model.config["in_channels"]}
+    wrong = [f"{k}: file {have[k]} vs params {want[k]}" for k in want if have[k] != want[k]]
+    if wrong:
+        raise StageError(f"tokenizer.init_from {path} does not match params.yaml ({'; '.join(wrong)})")
+    saved = load_torch(path, "tokenizer")
+    same = int(saved.get("num_clusters", -1)) == tp.semantic_clusters
+    return model, saved["code_to_cluster"].long() if same else None
+
+
 def run(params: Params) -> None:
     tp = params.tokenizer
     train, val = load_split("train"), load_split("val")
@@ -49,23 +69,32 @@ def run(params: Params) -> None:
     resolved = {"tokenizer": tp.model_dump(), "seed": params.seed, "threads": params.threads,
                 "device": params.device, "data": params.data.model_dump()}
 
-    model = build_tokenizer(tp, channels)
     started = time.perf_counter()
-    state = train_tokenizer(model, train["images"], tp, params.seed, CHECKPOINT, resolved, device)
+    if tp.init_from is None:
+        model = build_tokenizer(tp, channels)
+        state = train_tokenizer(model, train["images"], tp, params.seed, CHECKPOINT, resolved,
+                                device)
+        trained = {"train_steps": state.step, "train_wall_s": round(state.wall_s, 2),
+                   "reseeded_codes": state.reseeded}
+        code_to_cluster = None
+    else:  # an imported tokenizer: the transformer it came with reads its codes, keep them
+        model, code_to_cluster = given_tokenizer(Path(tp.init_from), tp, channels)
+        state, trained = None, {"init_from": tp.init_from}
     train_s = time.perf_counter() - started
 
     metrics = evaluate_tokenizer(model, val["images"], device=device)
     shown = torch.linspace(0, len(val["images"]) - 1, min(tp.grid_images, len(val["images"])))
     grid = progressive_grid(model, val["images"][shown.long()], device)  # spread over classes
-    code_to_cluster = cluster_codebook(model.quantizer.embedding.weight, tp.semantic_clusters,
-                                       params.seed, params.threads)
+    if code_to_cluster is None:
+        code_to_cluster = cluster_codebook(model.quantizer.embedding.weight, tp.semantic_clusters,
+                                           params.seed, params.threads)
     save_torch({"config": model.config, "state_dict": model.cpu().state_dict(),
                 "code_to_cluster": code_to_cluster, "num_clusters": tp.semantic_clusters}, MODEL)
     save_json(resolved, MODEL.with_suffix(".params.json"))
-    save_json({**metrics, "train_steps": state.step, "train_wall_s": round(state.wall_s, 2),
-               "stage_train_s": round(train_s, 2), "reseeded_codes": state.reseeded,
+    save_json({**metrics, **trained, "stage_train_s": round(train_s, 2),
                "clusters_used": int(torch.unique(code_to_cluster).numel())},
               "metrics/tokenizer.json")
-    save_tsv(state.curves, "plots/tokenizer/curves.tsv")
+    save_tsv(state.curves if state is not None else [{"step": 0, "loss": 0.0}],
+             "plots/tokenizer/curves.tsv")
     save_image_grid(grid, "plots/tokenizer/grid.png", nrow=len(shown))
     CHECKPOINT.unlink(missing_ok=True)

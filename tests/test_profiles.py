@@ -9,6 +9,7 @@ from up.config import load_params
 from up.transformer import VAR
 
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
+GPU_PROFILES = [p for p in PROFILES if p.stem != "overconfident"]
 
 
 def _load(profile: Path, tmp_path, monkeypatch):
@@ -17,11 +18,27 @@ def _load(profile: Path, tmp_path, monkeypatch):
     return load_params()
 
 
-@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
-def test_profile_validates(profile, tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile", GPU_PROFILES, ids=[p.stem for p in GPU_PROFILES])
+def test_gpu_profile_validates(profile, tmp_path, monkeypatch):
     params = _load(profile, tmp_path, monkeypatch)
     assert params.device == "cuda"
-    assert set(params.variants) == {"ce", "ls", "lr", "up"}
+    assert {"ce", "ls", "lr", "up"} <= set(params.variants)
+
+
+def test_overconfident_profile_is_the_study(tmp_path, monkeypatch):
+    """The study's profile: every reference and baseline, 3 seeds, one thread, the
+    small-data regime, and the default run's data/tokenizer/evaluator settings (so
+    DVC reuses them)."""
+    profile = PROFILES[0].with_name("overconfident.yaml")
+    params = _load(profile, tmp_path, monkeypatch)
+    default = _load(profile.parents[1] / "params.yaml", tmp_path, monkeypatch)
+    assert params.seeds == [0, 1, 2] and params.threads == 1
+    assert params.train.images_per_class == 50 and params.train.calib_fraction > 0
+    refs = {getattr(v, "reference", None) for v in params.runs.values()}
+    assert {"calibrated", "teacher", "empirical"} <= refs
+    assert {"ce", "ls", "lr", "ce+ts"} <= set(params.runs)
+    for section in ("data", "tokenizer", "evaluator"):
+        assert getattr(params, section) == getattr(default, section), section
 
 
 def test_imagenet_profile_is_var_d16(tmp_path, monkeypatch):

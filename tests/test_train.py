@@ -370,3 +370,19 @@ def test_ts_variant_scales_the_teacher(project):
     # temperature scaling keeps every argmax, so the token accuracy is unchanged
     assert m_ts["val"]["accuracy"] == pytest.approx(m_ce["val"]["accuracy"])
     assert m_ts["val"]["ce"] != pytest.approx(m_ce["val"]["ce"])
+
+
+def test_init_from_starts_from_given_weights_and_checks_shapes(project):
+    import stages.train
+
+    setup(0, 1)
+    stages.train.run(Params(**tiny_params(train={"steps": 2})), "ce", 0)
+    given = load_torch(project / "models" / "var-ce-s0.pt")["state_dict"]
+    params = Params(**tiny_params(train={"init_from": str(project / "models" / "var-ce-s0.pt")}))
+    state = build_run(params, "ls", 0, run_paths(project, "ft.pt"))
+    for name, value in state.model.state_dict().items():
+        assert torch.equal(value, given[name]), name
+    wider = Params(**tiny_params(train={"init_from": str(project / "models" / "var-ce-s0.pt")},
+                                 transformer={"width": 64}))
+    with pytest.raises(StageError, match="width: file 32 vs params 64"):
+        build_run(wider, "ls", 0, run_paths(project, "ft2.pt"))

@@ -44,8 +44,12 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
+    arch: Literal["conv", "var"] = "conv"  # conv: small images; var: VAR's VQ-VAE net
+    init_from: str | None = None  # use this tokenizer checkpoint (e.g. imported) instead of training
     downsample: Literal[2, 4, 8, 16] = 4
-    widths: list[Annotated[int, Field(ge=4)]] = [16, 32]
+    widths: list[Annotated[int, Field(ge=4)]] = [16, 32]  # conv: width per stride-2 level
+    base_width: int = Field(128, ge=32, multiple_of=32)  # var: base channels
+    ch_mult: list[Annotated[int, Field(ge=1)]] = [1, 1, 2, 2, 4]  # var: multiplier per level
     res_blocks: int = Field(1, ge=0, le=8)
     latent_channels: int = Field(32, ge=1)
     vocab_size: int = Field(512, ge=2, le=65536)
@@ -68,7 +72,10 @@ class TokenizerParams(Section):
     @model_validator(mode="after")
     def _consistent(self) -> TokenizerParams:
         levels = int(math.log2(self.downsample))
-        if len(self.widths) != levels:
+        if self.arch == "var" and len(self.ch_mult) != levels + 1:
+            raise ValueError(f"ch_mult has {len(self.ch_mult)} entries, downsample="
+                             f"{self.downsample} needs {levels + 1} (arch var)")
+        if self.arch == "conv" and len(self.widths) != levels:
             raise ValueError(
                 f"widths has {len(self.widths)} entries, downsample={self.downsample} "
                 f"needs {levels} (one per stride-2 level)"
@@ -120,6 +127,7 @@ class TrainParams(Section):
     compile: bool = False
     calib_fraction: float = Field(0.05, ge=0, lt=0.5)  # held out of every variant's training
     images_per_class: int = Field(0, ge=0)  # train on the first n of each class (0 = all)
+    init_from: str | None = None  # start every variant from this models/var-*.pt (fine-tuning)
 
 
 class CEVariant(Section):

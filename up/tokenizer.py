@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from up.io import load_torch
+from up.var_vqvae import VarDecoder, VarEncoder
 
 PHI_RATIO = 0.5  # phi(h) = (1 - r) h + r conv(h): VAR's quant_resi
 
@@ -131,17 +133,40 @@ class Phi(nn.Module):
         return h * (1.0 - PHI_RATIO) + self.conv(h) * PHI_RATIO
 
 
-def phi_assignment(num_scales: int, phi_share: int) -> list[int]:
+PHI_RULES = ("legacy", "var")
+
+
+def phi_assignment(num_scales: int, phi_share: int, rule: str = "legacy") -> list[int]:
     """Which of ``phi_share`` phi convs serves each scale (VAR's PhiPartiallyShared).
 
     The convs sit at evenly spread ticks in [0, 1]; scale k (at k / (K - 1))
     uses the nearest one, so neighbouring scales share a conv when there are
-    fewer convs than scales.
+    fewer convs than scales. ``rule`` says where the ticks are:
+
+    - ``var``: VAR's own rule, which special-cases exactly 4 convs with ticks
+      at 1/(3n) ... 1 - 1/(3n) (n convs) and uses 1/(2n) ... 1 - 1/(2n) for any
+      other count; for 10 scales and 4 convs it gives [0,0,1,1,1,2,2,3,3,3].
+      Needed to reproduce VAR's released VQ-VAE, and used by new tokenizers.
+    - ``legacy``: 1/(2n) ... always (this project's first rule; for 10 scales
+      and 4 convs [0,0,0,1,1,2,2,3,3,3]). Checkpoints saved before the rule
+      was recorded used it, so it stays the default here and in
+      ``load_tokenizer`` for configs without ``phi_rule``.
+
+    The two differ only when phi_share == 4 (ties aside). The legacy ticks come from
+    torch.linspace in float64 exactly as before (old checkpoints stay
+    bit-identical); VAR's from numpy.linspace, with numpy's argmin tie-break
+    (lowest conv), as VAR computes them.
     """
-    ticks = torch.linspace(1 / (2 * phi_share), 1 - 1 / (2 * phi_share), phi_share,
-                           dtype=torch.float64)
+    if rule not in PHI_RULES:
+        raise ValueError(f"unknown phi_rule {rule!r} ({' | '.join(PHI_RULES)})")
     where = [k / (num_scales - 1) if num_scales > 1 else 0.0 for k in range(num_scales)]
-    return [int(torch.argmin((ticks - at).abs())) for at in where]
+    if rule == "legacy":
+        ticks = torch.linspace(1 / (2 * phi_share), 1 - 1 / (2 * phi_share), phi_share,
+                               dtype=torch.float64)
+        return [int(torch.argmin((ticks - at).abs())) for at in where]
+    edge = 1 / 3 / phi_share if phi_share == 4 else 1 / 2 / phi_share
+    var_ticks = np.linspace(edge, 1 - edge, phi_share)
+    return [int(np.argmin(np.abs(var_ticks - at))) for at in where]
 
 
 @dataclass
@@ -167,7 +192,7 @@ def bicubic_matrix(size: int, side: int) -> torch.Tensor:
 
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, vocab_size: int, channels: int, patch_nums: list[int], phi_share: int,
-                 beta: float):
+                 beta: float, phi_rule: str = "var"):
         super().__init__()
         self.patch_nums = tuple(patch_nums)
         self.side = self.patch_nums[-1]  # the latent map is p_K x p_K
@@ -177,7 +202,7 @@ class MultiScaleQuantizer(nn.Module):
         self.embedding = nn.Embedding(vocab_size, channels)
         nn.init.uniform_(self.embedding.weight, -1.0 / vocab_size, 1.0 / vocab_size)
         self.phis = nn.ModuleList(Phi(channels) for _ in range(phi_share))
-        self.phi_of_scale = phi_assignment(len(patch_nums), phi_share)
+        self.phi_of_scale = phi_assignment(len(patch_nums), phi_share, phi_rule)
 
     def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code (squared L2) for each row of ``vectors`` (N, C)."""
@@ -225,33 +250,57 @@ class TokenizerOutput:
     quantized: Quantized
 
 
+ARCHS = ("conv", "var")
+
+
 class MultiScaleVQVAE(nn.Module):
     """Encoder -> multi-scale residual quantiser -> decoder.
 
     ``config`` holds the constructor kwargs, stored with the weights so that
     ``load_tokenizer`` rebuilds the model without params.yaml.
+
+    ``arch`` picks the encoder/decoder: ``conv``, the project's small net
+    (``widths``, one stride-2 level each), or ``var``, VAR's VQ-VAE net
+    (up/var_vqvae.py: widths ``base_width * ch_mult``, ``len(ch_mult) - 1``
+    stride-2 levels), which is what VAR's released weights load into.
+    ``phi_rule`` (see phi_assignment) is recorded in ``config`` so a saved
+    tokenizer always reloads with the rule it was trained with.
     """
 
     def __init__(self, in_channels: int = 1, widths: list[int] | tuple[int, ...] = (16, 32),
                  res_blocks: int = 1, latent_channels: int = 32, vocab_size: int = 512,
                  patch_nums: list[int] | tuple[int, ...] = (1, 2, 3, 4, 6, 8), phi_share: int = 6,
-                 beta: float = 0.25):
+                 beta: float = 0.25, phi_rule: str = "var", arch: str = "conv",
+                 base_width: int = 128, ch_mult: list[int] | tuple[int, ...] = (1, 1, 2, 2, 4)):
         super().__init__()
         if list(patch_nums) != sorted(set(patch_nums)):
             raise ValueError(f"patch_nums {list(patch_nums)} must be strictly increasing")
         if not 1 <= phi_share <= len(patch_nums):
             raise ValueError(f"phi_share={phi_share} must lie in 1..{len(patch_nums)}")
-        self.config = dict(in_channels=in_channels, widths=list(widths), res_blocks=res_blocks,
+        if arch not in ARCHS:
+            raise ValueError(f"unknown tokenizer arch {arch!r} ({' | '.join(ARCHS)})")
+        shape = dict(widths=list(widths)) if arch == "conv" else {}
+        self.config = dict(in_channels=in_channels, **shape, res_blocks=res_blocks,
                            latent_channels=latent_channels, vocab_size=vocab_size,
-                           patch_nums=list(patch_nums), phi_share=phi_share, beta=beta)
+                           patch_nums=list(patch_nums), phi_share=phi_share, beta=beta,
+                           phi_rule=phi_rule, arch=arch)
         self.patch_nums = tuple(patch_nums)
         self.vocab_size = vocab_size
         self.latent_channels = latent_channels
-        self.downsample = 2 ** len(widths)
-        self.encoder = Encoder(in_channels, list(widths), res_blocks, latent_channels)
-        self.decoder = Decoder(latent_channels, list(widths), res_blocks, in_channels)
+        self.arch = arch
+        if arch == "conv":
+            self.downsample = 2 ** len(widths)
+            self.encoder = Encoder(in_channels, list(widths), res_blocks, latent_channels)
+            self.decoder = Decoder(latent_channels, list(widths), res_blocks, in_channels)
+        else:
+            self.config.update(base_width=base_width, ch_mult=list(ch_mult))
+            self.downsample = 2 ** (len(ch_mult) - 1)
+            self.encoder = VarEncoder(in_channels, base_width, list(ch_mult), res_blocks,
+                                      latent_channels)
+            self.decoder = VarDecoder(latent_channels, base_width, list(ch_mult), res_blocks,
+                                      in_channels)
         self.quantizer = MultiScaleQuantizer(vocab_size, latent_channels, list(patch_nums),
-                                             phi_share, beta)
+                                             phi_share, beta, phi_rule)
 
     @property
     def latent_side(self) -> int:
@@ -368,7 +417,8 @@ def load_tokenizer(path: str | Path = "models/tokenizer.pt",
                    device: torch.device | str = "cpu") -> MultiScaleVQVAE:
     """The trained tokenizer, in eval mode with frozen weights (it is never trained further)."""
     saved = load_torch(path, "tokenizer")
-    model = MultiScaleVQVAE(**saved["config"])
+    # checkpoints from before the rule was recorded used the legacy phi rule
+    model = MultiScaleVQVAE(**{"phi_rule": "legacy", **saved["config"]})
     model.load_state_dict(saved["state_dict"])
     return model.to(device).eval().requires_grad_(False)
 

@@ -30,7 +30,8 @@ USAGE_DECAY = 0.95  # running code usage: a window of ~20 steps, shorter than th
 def build_tokenizer(tp: TokenizerParams, in_channels: int) -> MultiScaleVQVAE:
     return MultiScaleVQVAE(in_channels=in_channels, widths=tp.widths, res_blocks=tp.res_blocks,
                            latent_channels=tp.latent_channels, vocab_size=tp.vocab_size,
-                           patch_nums=tp.patch_nums, phi_share=tp.phi_share, beta=tp.beta)
+                           patch_nums=tp.patch_nums, phi_share=tp.phi_share, beta=tp.beta,
+                           arch=tp.arch, base_width=tp.base_width, ch_mult=tp.ch_mult)
 
 
 @dataclass

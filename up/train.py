@@ -389,7 +389,8 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
               StepBatches(len(fit_ids), cfg.batch_size, seed, ctx.rank, ctx.world),
               token_weights(model.scale_ids, cfg.token_weighting), fingerprint,
               calib_every=getattr(variant, "calib_every", 0))
-    _resume(run, paths.checkpoint)
+    if not _resume(run, paths.checkpoint) and cfg.init_from is not None:
+        _initialise(model, Path(cfg.init_from))
     if ctx.world > 1:
         run.net = DistributedDataParallel(model, device_ids=[device.index]
                                           if device.index is not None else None)
@@ -398,14 +399,32 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     return run
 
 
-def _resume(run: Run, checkpoint: Path) -> None:
+# Fields of a VAR config that fix the shapes of its weights (drop path does not).
+SHAPE_FIELDS = ("vocab_size", "latent_channels", "patch_nums", "num_classes", "depth", "width",
+                "heads", "mlp_ratio", "qk_norm")
+
+
+def _initialise(model: VAR, path: Path) -> None:
+    """Fine-tuning: start from the weights of ``train.init_from`` (EMA when saved)."""
+    saved = load_torch(path, "train.init_from checkpoint")
+    mine = model.config()
+    wrong = [f"{k}: file {saved['config'].get(k)} vs params {mine[k]}" for k in SHAPE_FIELDS
+             if saved["config"].get(k) != mine[k]]
+    if wrong:
+        raise StageError(f"train.init_from {path} does not fit this model ({'; '.join(wrong)})")
+    state = saved.get("ema_state_dict") or saved["state_dict"]
+    model.load_state_dict(state)
+
+
+def _resume(run: Run, checkpoint: Path) -> bool:
+    """Restore a checkpoint of the same run; False when there is none to resume."""
     state = load_checkpoint(checkpoint, run.fingerprint)  # restores the RNG too
     if state is None:
         if checkpoint.is_file() and run.ctx.main:
             print(f"ignoring {checkpoint}: written by a run with other settings or data")
         if run.ctx.world > 1:
             _reseed_rank(run.seed, 0, run.ctx.rank)
-        return
+        return False
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.loss_fn.load_state_dict(state["loss"])
@@ -420,6 +439,7 @@ def _resume(run: Run, checkpoint: Path) -> None:
         _reseed_rank(run.seed, run.step, run.ctx.rank)
     if run.ctx.main:
         print(f"resuming {checkpoint} at step {run.step}/{run.cfg.steps}")
+    return True
 
 
 def _save(run: Run, checkpoint: Path) -> None:

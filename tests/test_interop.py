@@ -1,0 +1,274 @@
+"""VAR's released checkpoints load into our models and compute what VAR computes.
+
+Every reference here comes from VAR's own code (FoundationVision/VAR at
+commit 78b9539, tests/fixtures/var-official/README.md): seeded random weights
+at a small size, and the key/shape manifests of the released full-size files.
+None of it is our own output, so passing means our tokenizer and transformer
+are interchangeable with VAR's, not merely self-consistent.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from stages.cli import app
+from stages.interop import export_checkpoints, import_checkpoints
+from up.errors import StageError
+from up.interop import (
+    build_vae,
+    build_var,
+    export_vae,
+    export_var,
+    import_vae,
+    import_var,
+    infer_vae_config,
+    infer_var_config,
+    shapes_of,
+)
+from up.io import save_torch
+from up.sampling import sample
+from up.tokenizer import (
+    MultiScaleVQVAE,
+    load_code_clusters,
+    load_tokenizer,
+    phi_assignment,
+    to_float,
+)
+from up.transformer import load_var
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "var-official"
+
+
+def _load(name: str):
+    return torch.load(FIXTURE / name, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict:
+    return _load("reference.pt")
+
+
+@pytest.fixture(scope="module")
+def var_state() -> dict:
+    return _load("var.pth")
+
+
+@pytest.fixture(scope="module")
+def vae_state() -> dict:
+    return _load("vae.pth")
+
+
+@pytest.fixture(scope="module")
+def models(var_state, vae_state):
+    """Imported once per module: the VQ-VAE at 256 px is the slow part."""
+    torch.set_num_threads(1)
+    var = import_var(var_state)
+    return var, import_vae(vae_state, var.patch_nums)
+
+
+def _grids(flat: list[torch.Tensor], patch_nums) -> list[torch.Tensor]:
+    """VAR's (B, p^2) row-major index lists -> our (B, p, p) maps."""
+    return [idx.view(-1, p, p) for idx, p in zip(flat, patch_nums, strict=True)]
+
+
+# -- phi rule ---------------------------------------------------------------------
+
+def test_var_phi_rule_matches_vars_code():
+    """VAR special-cases 4 shared phi convs (ticks at 1/(3K) ... 1-1/(3K)); its
+    released VQ-VAE only reproduces with that assignment."""
+    config = json.loads((FIXTURE / "config.json").read_text())
+    assert phi_assignment(10, 4, "var") == config["phi_of_scale"] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert phi_assignment(10, 4, "legacy") == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    for scales, share in [(6, 6), (10, 5), (10, 3), (6, 1), (10, 10)]:  # 1/(2K) for other counts
+        assert phi_assignment(scales, share, "var") == phi_assignment(scales, share, "legacy")
+
+
+def test_old_tokenizer_checkpoints_keep_the_legacy_rule(tmp_path):
+    """A checkpoint saved before `phi_rule` existed has no such key: it must
+    reload with the rule it was trained with and give the same indices;
+    a new tokenizer records VAR's rule."""
+    kwargs = dict(in_channels=1, widths=[8], res_blocks=0, latent_channels=4, vocab_size=16,
+                  patch_nums=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16], phi_share=4)
+    old = MultiScaleVQVAE(**kwargs, phi_rule="legacy").eval()
+    old_config = {k: v for k, v in old.config.items() if k not in ("phi_rule", "arch")}
+    save_torch({"config": old_config, "state_dict": old.state_dict()}, tmp_path / "tok.pt")
+    loaded = load_tokenizer(tmp_path / "tok.pt")
+    assert loaded.quantizer.phi_of_scale == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    for a, b in zip(old.encode(images), loaded.encode(images), strict=True):
+        assert torch.equal(a, b)
+    new = MultiScaleVQVAE(**kwargs)
+    assert new.config["phi_rule"] == "var" and new.quantizer.phi_of_scale == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
+def test_var_arch_tokenizer_trains_like_the_conv_arch():
+    """`tokenizer.arch: var` is also a from-scratch option: the training
+    forward (straight-through, partial decode) runs and reaches every part."""
+    model = MultiScaleVQVAE(in_channels=3, arch="var", base_width=32, ch_mult=[1, 2],
+                            res_blocks=1, latent_channels=4, vocab_size=16,
+                            patch_nums=[1, 2, 4, 8], phi_share=2).train()
+    assert model.downsample == 2 and model.config["ch_mult"] == [1, 2]
+    out = model(torch.rand(2, 3, 16, 16) * 2 - 1, partial_k=2)
+    assert out.recon.shape == out.partial.shape == (2, 3, 16, 16)
+    (out.recon.square().mean() + out.partial.square().mean() + out.quantized.vq_loss).backward()
+    for name in ("encoder.conv_in.weight", "encoder.quant_conv.weight",
+                 "decoder.post_quant_conv.weight", "quantizer.phis.0.conv.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+# -- numerics against VAR's outputs ------------------------------------------------
+
+def test_imported_vqvae_computes_vars_tokens_and_images(models, ref):
+    """Per-scale indices identical, latent, f_hat after each scale, teacher-forcing
+    input and reconstruction within 1e-4 of VAR's."""
+    var, vae = models
+    x = to_float(ref["images_u8"])
+    with torch.no_grad():
+        f = vae.latent(x)
+        q = vae.quantizer(f)
+        recon = vae.fhat_to_image(q.f_hats[-1])
+        var_input = vae.indices_to_var_input(_grids(ref["indices"], vae.patch_nums))
+    assert vae.quantizer.phi_of_scale == ref["phi_of_scale"]
+    torch.testing.assert_close(f, ref["f"], atol=1e-4, rtol=0)
+    for k, (ours, theirs) in enumerate(zip(q.indices, ref["indices"], strict=True)):
+        assert torch.equal(ours.flatten(1), theirs), f"scale {k}"
+    for ours, theirs in zip(q.f_hats, ref["f_hat_after_scale"], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(recon, ref["reconstruction"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(var_input, ref["var_input"], atol=1e-4, rtol=0)
+
+
+def test_imported_transformer_gives_vars_logits(models, ref):
+    var, _ = models
+    with torch.no_grad():
+        logits = var(ref["labels"], ref["var_input"])
+    torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_greedy_guided_sampling_gives_vars_tokens(models, ref):
+    """Top-k 1 makes sampling the argmax of VAR's guided logits: the KV-cache
+    path, the guidance schedule and the next-scale input must all match."""
+    var, vae = models
+    _, indices, _ = sample(var, vae, ref["labels"], guidance=ref["greedy_cfg"],
+                           guidance_schedule="linear", top_k=1,
+                           generator=torch.Generator().manual_seed(0),
+                           code_to_cluster=torch.arange(vae.vocab_size) % 8, num_clusters=8)
+    for k, (ours, theirs) in enumerate(zip(indices, ref["greedy_indices"], strict=True)):
+        assert torch.equal(ours.flatten(1), theirs), f"scale {k}"
+
+
+# -- export ------------------------------------------------------------------------
+
+def test_export_gives_vars_state_dicts_and_reimports_identically(models, var_state, vae_state):
+    """Exported dicts carry VAR's keys in VAR's order with VAR's shapes (its
+    own tensors back, even its buffers), and export -> import is the identity."""
+    var, vae = models
+    for ours, theirs, again in [(export_var(var), var_state, import_var),
+                                (export_vae(vae), vae_state,
+                                 lambda s: import_vae(s, var.patch_nums))]:
+        assert list(ours) == list(theirs)
+        assert shapes_of(ours) == shapes_of(theirs)
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value.to(ours[key].dtype)), key
+        model = var if again is import_var else vae
+        reimported = again(ours).state_dict()
+        for key, value in model.state_dict().items():
+            assert torch.equal(reimported[key], value), key
+
+
+# -- full-size released checkpoints, on the meta device ----------------------------
+
+MANIFEST = json.loads((FIXTURE / "manifest_full_size.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["var_d16", "var_d20", "var_d24", "var_d30"])
+def test_full_size_transformers_match_the_manifest(name):
+    """Sizes inferred from the released file's shapes build a model with
+    exactly its keys, shapes and parameter count (d16: 310,283,520)."""
+    manifest = MANIFEST[name]
+    config = infer_var_config(manifest)
+    depth = int(name.removeprefix("var_d"))
+    assert (config["depth"], config["width"], config["heads"]) == (depth, 64 * depth, depth)
+    assert (config["vocab_size"], config["latent_channels"], config["num_classes"]) == (4096, 32, 1000)
+    model = build_var(config, "meta")
+    exported = export_var(model)
+    assert list(exported) == list(manifest)
+    assert shapes_of(exported) == shapes_of(manifest)
+    assert model.num_parameters() == MANIFEST[f"{name}_num_params"]
+
+
+def test_full_size_vqvae_matches_the_manifest():
+    manifest = MANIFEST["vae_ch160v4096z32"]
+    config = infer_vae_config(manifest)
+    assert (config["base_width"], config["ch_mult"], config["res_blocks"]) == (160, [1, 1, 2, 2, 4], 2)
+    assert (config["vocab_size"], config["latent_channels"], config["phi_share"]) == (4096, 32, 4)
+    model = build_vae(config, "meta")
+    assert model.downsample == 16
+    exported = export_vae(model)
+    assert list(exported) == list(manifest)
+    assert shapes_of(exported) == shapes_of(manifest)
+
+
+# -- bad input ---------------------------------------------------------------------
+
+def test_bad_state_dicts_name_the_first_mismatch(var_state, vae_state):
+    """A wrong file must fail before any weight is loaded, naming the key."""
+    missing = {k: v for k, v in var_state.items() if k != "blocks.1.ffn.fc2.bias"}
+    with pytest.raises(StageError, match=r"missing key 'blocks\.1\.ffn\.fc2\.bias'"):
+        import_var(missing)
+    reshaped = {**var_state, "head.bias": torch.zeros(65)}
+    with pytest.raises(StageError, match=r"key 'head\.bias' has shape \[65\], expected \[64\]"):
+        import_var(reshaped)
+    extra = {**vae_state, "quantize.extra": torch.zeros(1)}
+    with pytest.raises(StageError, match=r"unexpected key 'quantize\.extra'"):
+        import_vae(extra)
+    with pytest.raises(StageError, match="missing key 'encoder.conv_in.weight'"):
+        import_vae(var_state)
+
+
+# -- the commands ------------------------------------------------------------------
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tokenizer"]["semantic_clusters"] = 8
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_import_then_export_commands(project, models, ref, var_state, vae_state):
+    """`up import-var` writes checkpoints the pipeline loads (tokenizer with
+    code clusters, a models/var-*.pt); `up export-var` gives VAR's files back."""
+    from up.config import load_params
+
+    written = import_checkpoints(load_params(), FIXTURE / "vae.pth", FIXTURE / "var.pth",
+                                 Path("models/tokenizer.pt"), None, None)
+    assert written == [Path("models/tokenizer.pt"), Path("models/var-d2-imported.pt")]
+    tok, var = load_tokenizer("models/tokenizer.pt"), load_var("models/var-d2-imported.pt")
+    code_to_cluster, num_clusters = load_code_clusters("models/tokenizer.pt")
+    assert num_clusters == 8 and code_to_cluster.shape == (64,)
+    assert tok.config["arch"] == "var" and tok.config["phi_rule"] == "var"
+    with torch.no_grad():
+        torch.testing.assert_close(var(ref["labels"], ref["var_input"]), ref["logits"],
+                                   atol=1e-4, rtol=0)
+    outs = export_checkpoints(Path("models/tokenizer.pt"), Path("models/var-d2-imported.pt"),
+                              None, None, ema=True)
+    assert outs == [Path("exported/vae_ch32v64z8.pth"), Path("exported/var_d2.pth")]
+    for path, theirs in zip(outs, (vae_state, var_state), strict=True):
+        ours = torch.load(path, weights_only=True)
+        assert list(ours) == list(theirs)
+        assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+def test_import_command_reports_bad_input_in_one_line(project):
+    result = CliRunner().invoke(app, ["import-var", "--var", str(FIXTURE / "vae.pth")])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing key 'class_emb.weight'" in lines[0]
