@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from up.io import load_torch, save_torch
-from up.runtime import progress
+from up.loop import StepLoop, check_finite
 from up.schedule import StepBatches, lr_factor, set_lr
 
 
@@ -94,20 +94,19 @@ def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = StepBatches(len(images), min(batch_size, len(images)), seed)
     warmup = min(50, steps // 10)
-    with progress(disable=not show_progress) as bar:
-        task = bar.add_task("evaluator", total=steps, info="")
-        for step in range(steps):
-            set_lr(optimizer, lr * lr_factor(step, steps, warmup, "cosine"))
-            index = batches(step)
-            x, y = images[index].to(device), labels[index].to(device)
-            _, logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"evaluator loss is {loss.item()} at step {step}")
-            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+    loop = StepLoop("evaluator", steps, show=show_progress)
+    for step in loop:
+        set_lr(optimizer, lr * lr_factor(step, steps, warmup, "cosine"))
+        index = batches(step)
+        x, y = images[index].to(device), labels[index].to(device)
+        _, logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        check_finite({"loss": loss.item()}, step + 1, "evaluator",
+                     "Lower evaluator.lr (or check the data) and rerun.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loop.info = f"loss {loss.item():.3f}"
     model.eval()
     model.feature_multiplier = feature_multiplier(model, images, feature_scale, device)
     return model

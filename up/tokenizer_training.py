@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from up.checkpoint import load_checkpoint, save_checkpoint
 from up.config import TokenizerParams
-from up.errors import StageError
-from up.runtime import progress
+from up.loop import StepLoop, check_finite
 from up.schedule import StepBatches, lr_factor, set_lr
 from up.tokenizer import MultiScaleVQVAE, to_float, to_uint8
 
@@ -90,53 +89,49 @@ def train_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, tp: TokenizerP
     batches = StepBatches(len(images), tp.batch_size, seed)
     num_scales = len(model.patch_nums)
     reseed_last = int(tp.reseed_until * tp.steps)
-    end = tp.steps if stop_at is None else min(stop_at, tp.steps)
+    loop = StepLoop("tokenizer", tp.steps, state.step, stop_at)
     model.train()
-    with progress() as bar:
-        task = bar.add_task("tokenizer", total=tp.steps, completed=state.step, info="")
-        for step in range(state.step, end):
-            started = time.perf_counter()
-            lr = tp.lr * lr_factor(step, tp.steps, tp.warmup_steps, "cosine")
-            set_lr(optimizer, lr)
-            x = to_float(images[batches(step)]).to(device, memory_format=torch.channels_last)
-            partial_k = None
-            if tp.partial_weight > 0 and num_scales > 1:
-                partial_k = int(torch.randint(1, num_scales, ()))
-            out = model(x, partial_k=partial_k)
-            recon = F.mse_loss(out.recon, x)
-            partial = F.mse_loss(out.partial, x) if partial_k is not None else recon.new_zeros(())
-            loss = recon + out.quantized.vq_loss + tp.partial_weight * partial
-            if not torch.isfinite(loss):
-                raise StageError(
-                    f"tokenizer loss is {loss.item()} at step {step}; the last good checkpoint "
-                    f"({checkpoint}, step {state.step}) is kept. Lower tokenizer.lr or check "
-                    f"the data.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    for step in loop:
+        started = time.perf_counter()
+        lr = tp.lr * lr_factor(step, tp.steps, tp.warmup_steps, "cosine")
+        set_lr(optimizer, lr)
+        x = to_float(images[batches(step)]).to(device, memory_format=torch.channels_last)
+        partial_k = None
+        if tp.partial_weight > 0 and num_scales > 1:
+            partial_k = int(torch.randint(1, num_scales, ()))
+        out = model(x, partial_k=partial_k)
+        recon = F.mse_loss(out.recon, x)
+        partial = F.mse_loss(out.partial, x) if partial_k is not None else recon.new_zeros(())
+        loss = recon + out.quantized.vq_loss + tp.partial_weight * partial
+        check_finite({"loss": loss.item()}, step + 1, "tokenizer",
+                     f"The last good checkpoint ({checkpoint}, step {state.step}) is kept; lower "
+                     "tokenizer.lr or check the data.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-            with torch.no_grad():
-                codes = torch.cat([idx.flatten() for idx in out.quantized.indices])
-                counts = torch.bincount(codes, minlength=model.vocab_size).float()
-                usage.mul_(USAGE_DECAY).add_(counts * (model.vocab_size / len(codes)),
-                                            alpha=1 - USAGE_DECAY)
-            if tp.reseed_every and (step + 1) % tp.reseed_every == 0 and step + 1 <= reseed_last:
-                state.reseeded += reseed_dead_codes(model, usage, out.quantized.residuals,
-                                                    tp.reseed_threshold, optimizer)
-            state.curves.append({
-                "step": step, "loss": round(loss.item(), 6), "recon": round(recon.item(), 6),
-                "vq": round(out.quantized.vq_loss.item(), 6), "partial": round(partial.item(), 6),
-                "partial_k": partial_k or 0, "lr": round(lr, 8),
-                "used": int((counts > 0).sum()),
-            })
-            state.step = step + 1
-            state.wall_s += time.perf_counter() - started
-            bar.update(task, advance=1, info=f"loss {loss.item():.4f} recon {recon.item():.4f}")
-            if state.step % tp.save_every == 0 or state.step == end:
-                save_checkpoint(checkpoint, fingerprint=fingerprint, model=model.state_dict(),
-                                optimizer=optimizer.state_dict(), step=state.step,
-                                usage=usage.cpu(), curves=state.curves, wall_s=state.wall_s,
-                                reseeded=state.reseeded)
+        with torch.no_grad():
+            codes = torch.cat([idx.flatten() for idx in out.quantized.indices])
+            counts = torch.bincount(codes, minlength=model.vocab_size).float()
+            usage.mul_(USAGE_DECAY).add_(counts * (model.vocab_size / len(codes)),
+                                        alpha=1 - USAGE_DECAY)
+        if tp.reseed_every and (step + 1) % tp.reseed_every == 0 and step + 1 <= reseed_last:
+            state.reseeded += reseed_dead_codes(model, usage, out.quantized.residuals,
+                                                tp.reseed_threshold, optimizer)
+        state.curves.append({
+            "step": step, "loss": round(loss.item(), 6), "recon": round(recon.item(), 6),
+            "vq": round(out.quantized.vq_loss.item(), 6), "partial": round(partial.item(), 6),
+            "partial_k": partial_k or 0, "lr": round(lr, 8),
+            "used": int((counts > 0).sum()),
+        })
+        state.step = step + 1
+        state.wall_s += time.perf_counter() - started
+        loop.info = f"loss {loss.item():.4f} recon {recon.item():.4f}"
+        if loop.due(tp.save_every):
+            save_checkpoint(checkpoint, fingerprint=fingerprint, model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), step=state.step,
+                            usage=usage.cpu(), curves=state.curves, wall_s=state.wall_s,
+                            reseeded=state.reseeded)
     state.usage = usage.cpu()
     model.eval()
     return state

@@ -44,9 +44,10 @@ from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoi
 from up.config import Params
 from up.errors import StageError
 from up.io import load_torch
+from up.loop import StepLoop, check_finite
 from up.losses import TemperatureCalibrator, TokenLoss, build_token_loss
 from up.references import EmpiricalTableReference, Reference, TeacherReference
-from up.runtime import progress, resolve_device
+from up.runtime import resolve_device
 from up.schedule import StepBatches, lr_factor, set_lr
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.tokens import (
@@ -273,13 +274,11 @@ class TrainResult:
     rows: list[dict[str, float]]
 
 
-def _divergence(step: int, values: dict[str, float], log: TrainLog, checkpoint: Path) -> StageError:
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-    kept = (f"the last good checkpoint {checkpoint} (after step {log.saved_step}) is kept; "
-            "lower train.lr or raise train.warmup_steps, then rerun to resume from it"
-            if log.saved_step else "no checkpoint was written yet")
-    return StageError(f"non-finite {' and '.join(bad)} at step {step}: {shown}; stopped. {kept}")
+def _stop_advice(log: TrainLog, checkpoint: Path) -> str:
+    if log.saved_step:
+        return (f"The last good checkpoint {checkpoint} (after step {log.saved_step}) is kept; "
+                "lower train.lr or raise train.warmup_steps, then rerun to resume from it.")
+    return "No checkpoint was written yet; lower train.lr or raise train.warmup_steps."
 
 
 def _fmt(x: float) -> float:
@@ -494,15 +493,14 @@ def train_step(run: Run, checkpoint: Path) -> tuple[dict[str, float], float]:
         dist.all_reduce(reduced)
         reduced /= run.ctx.world
     values = dict(zip(["loss", *parts], reduced.tolist(), strict=True))
-    if not all(math.isfinite(v) for v in values.values()):
-        raise _divergence(step + 1, values, run.log, checkpoint)
+    check_finite(values, step + 1, f"train {run.name}", _stop_advice(run.log, checkpoint))
 
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(
         run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-    if not math.isfinite(grad_norm):
-        raise _divergence(step + 1, {**values, "grad_norm": grad_norm}, run.log, checkpoint)
+    check_finite({**values, "grad_norm": grad_norm}, step + 1, f"train {run.name}",
+                 _stop_advice(run.log, checkpoint))
     run.optimizer.step()
     if run.ema is not None:
         run.ema.update(run.model)
@@ -528,25 +526,21 @@ def train(run: Run, checkpoint: Path) -> None:
     curve_ids = fixed_subset(len(run.val), cfg.batch_size)  # a row costs a third of a step
     tokens_per_step = cfg.batch_size * run.model.seq_len
     run.model.train()
-    with progress(disable=not ctx.main) as bar:
-        task = bar.add_task(f"train {run.name} s{run.seed}", total=cfg.steps, completed=run.step,
-                            info="")
-        while run.step < cfg.steps:
-            started = time.perf_counter()
-            values, lr = train_step(run, checkpoint)
-            run.log.seconds += time.perf_counter() - started
-            run.log.timed_steps += 1
-            run.log.add(values)
-            if ctx.main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
-                row = _log_row(run, lr, curve_ids)
-                run.log.rows.append(row)
-                bar.console.print(" ".join(f"{k} {v:.4g}" for k, v in row.items()),
-                                  soft_wrap=True)
-            if run.step % cfg.save_every == 0 or run.step == cfg.steps:
-                _save(run, checkpoint)
-            speed = tokens_per_step * run.log.timed_steps / max(run.log.seconds, 1e-9)
-            bar.update(task, completed=run.step,
-                       info=f"loss {values['loss']:.3f}  lr {lr:.2e}  {speed / 1e3:.1f}k tok/s")
+    loop = StepLoop(f"train {run.name} s{run.seed}", cfg.steps, run.step, show=ctx.main)
+    for _ in loop:
+        started = time.perf_counter()
+        values, lr = train_step(run, checkpoint)
+        run.log.seconds += time.perf_counter() - started
+        run.log.timed_steps += 1
+        run.log.add(values)
+        if ctx.main and loop.due(cfg.log_every):
+            row = _log_row(run, lr, curve_ids)
+            run.log.rows.append(row)
+            loop.console.print(" ".join(f"{k} {v:.4g}" for k, v in row.items()), soft_wrap=True)
+        if loop.due(cfg.save_every):
+            _save(run, checkpoint)
+        speed = tokens_per_step * run.log.timed_steps / max(run.log.seconds, 1e-9)
+        loop.info = f"loss {values['loss']:.3f}  lr {lr:.2e}  {speed / 1e3:.1f}k tok/s"
 
 
 def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
