@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from up.errors import StageError
 from up.io import load_torch, save_torch
 from up.loop import StepLoop, check_finite
 from up.schedule import StepBatches, lr_factor, set_lr
@@ -69,7 +70,8 @@ def feature_multiplier(model: Evaluator, images: torch.Tensor, target_rms: float
         model.feature_multiplier = saved
     rms = raw.double().pow(2).mean().sqrt().item()
     if rms == 0.0:
-        raise RuntimeError("evaluator features are all zero on the train split (dead ReLUs)")
+        raise StageError("evaluator features are all zero on the train split (dead ReLUs): "
+                         "lower evaluator.lr and rerun")
     return target_rms / rms
 
 
@@ -101,7 +103,7 @@ def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int
         x, y = images[index].to(device), labels[index].to(device)
         _, logits = model(x)
         loss = F.cross_entropy(logits, y)
-        check_finite({"loss": loss.item()}, step + 1, "evaluator",
+        check_finite({"loss": loss.item()}, step + 1, "the evaluator training",
                      "Lower evaluator.lr (or check the data) and rerun.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

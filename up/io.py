@@ -60,7 +60,11 @@ def load_torch(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"{what} {path} is unreadable or corrupt: {exc}") from exc
+        from up.errors import StageError
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StageError(f"{what} {path} is unreadable or corrupt ({first}); rerun the stage "
+                         "that writes it") from exc
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:

@@ -22,7 +22,7 @@ def check_finite(values: dict[str, float], step: int, what: str, advice: str) ->
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        raise StageError(f"{what}: non-finite {' and '.join(bad)} at step {step}: {shown}; "
+        raise StageError(f"non-finite {' and '.join(bad)} at step {step} of {what}: {shown}; "
                          f"stopped before the update. {advice}")
 
 

@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from up.errors import StageError
+
 
 def setup(seed: int, threads: int) -> None:
     """Fix the thread count and every RNG: results are bitwise reproducible only
@@ -25,7 +27,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but CUDA is not available (set device: cpu)")
+        raise StageError("device=cuda requested but CUDA is not available (set device: cpu)")
     return torch.device(device)
 
 

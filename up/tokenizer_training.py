@@ -103,7 +103,7 @@ def train_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, tp: TokenizerP
         recon = F.mse_loss(out.recon, x)
         partial = F.mse_loss(out.partial, x) if partial_k is not None else recon.new_zeros(())
         loss = recon + out.quantized.vq_loss + tp.partial_weight * partial
-        check_finite({"loss": loss.item()}, step + 1, "tokenizer",
+        check_finite({"loss": loss.item()}, step + 1, "the tokenizer training",
                      f"The last good checkpoint ({checkpoint}, step {state.step}) is kept; lower "
                      "tokenizer.lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
