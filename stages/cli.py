@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from up.paths import TOKENIZER
+
 app = typer.Typer(
     help="Uncertainty-preserving visual autoregression: the pipeline's stage commands.",
     no_args_is_help=True,
@@ -109,6 +111,18 @@ def evaluate(variant: Variant, seed: Seed = 0) -> None:
 
 
 @app.command()
+def sweep(variant: Variant, seed: Seed = 0) -> None:
+    """Sample and score one run over the guidance sweep (a quality-diversity curve)."""
+    _run("sweep", seed=seed, variant=variant)
+
+
+@app.command()
+def frontier() -> None:
+    """Every variant compared at matched quality along its guidance curve."""
+    _run("frontier")
+
+
+@app.command()
 def report() -> None:
     """One comparison table and figures over all variants and seeds."""
     _run("report")
@@ -118,14 +132,14 @@ def report() -> None:
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="A models/var-*.pt file.")],
     out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("generated.png"),
-    tokenizer_path: Annotated[Path, typer.Option("--tokenizer")] = Path("models/tokenizer.pt"),
+    tokenizer_path: Annotated[Path, typer.Option("--tokenizer")] = TOKENIZER,
     classes: Annotated[str, typer.Option(help="Comma-separated class ids.")] = "0,1,2,3,4,5,6,7,8,9",
     n: Annotated[int, typer.Option(help="Images per class.")] = 8,
     seed: int = 0,
-    guidance: float = 2.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
+    guidance: Annotated[float | None, typer.Option(help="Default: sample.guidance.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Default: sample.top_k.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Default: sample.top_p.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default: sample.temperature.")] = None,
 ) -> None:
     """Write a sample grid from any variant's checkpoint, outside the pipeline."""
     try:
@@ -142,7 +156,7 @@ def import_var(
     vae: Annotated[Path | None, typer.Option(help="VAR's VQ-VAE, e.g. vae_ch160v4096z32.pth.")] = None,
     var: Annotated[Path | None, typer.Option(help="VAR's transformer, e.g. var_d16.pth.")] = None,
     tokenizer_out: Annotated[Path, typer.Option(help="Our tokenizer checkpoint to write.")
-                             ] = Path("models/tokenizer.pt"),
+                             ] = TOKENIZER,
     var_out: Annotated[Path | None, typer.Option(help="Our transformer checkpoint to write "
                                                  "(default: models/var-d<depth>-imported.pt).")] = None,
     clusters: Annotated[int | None, typer.Option(help="Codebook clusters for semantic entropy "

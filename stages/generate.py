@@ -16,13 +16,21 @@ from up.io import save_image_grid
 from up.runtime import resolve_device
 from up.sampling import sample
 from up.tokenizer import load_code_clusters, load_tokenizer
-from up.transformer import load_var
+from up.transformer import load_var_and_temperatures
 
 
 def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n: int,
-        seed: int, guidance: float, top_k: int, top_p: float, temperature: float, out: Path) -> None:
+        seed: int, guidance: float | None, top_k: int | None, top_p: float | None,
+        temperature: float | None, out: Path) -> None:
+    """Sampling settings left None come from params.yaml's `sample` section."""
+    sp = params.sample
+    guidance = sp.guidance if guidance is None else guidance
+    top_k = sp.top_k if top_k is None else top_k
+    top_p = sp.top_p if top_p is None else top_p
+    temperature = sp.temperature if temperature is None else temperature
     device = resolve_device(params.device)
-    var = load_var(checkpoint, ema=True).to(device)
+    var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
+    var = var.to(device)
     bad = [c for c in classes if not 0 <= c < var.num_classes]
     if bad or not classes or n < 1:
         raise StageError(f"need n >= 1 (got {n}) and classes in 0..{var.num_classes - 1} "
@@ -31,8 +39,10 @@ def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n
     code_to_cluster, num_clusters = load_code_clusters(tokenizer)
     labels = torch.tensor(classes).repeat_interleave(n)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images, _, unc = sample(var, vq, labels, guidance=guidance, top_k=top_k, top_p=top_p,
-                            temperature=temperature, generator=generator,
+    images, _, unc = sample(var, vq, labels, guidance=guidance,
+                            guidance_schedule=sp.guidance_schedule, top_k=top_k, top_p=top_p,
+                            temperature=temperature, scale_temperatures=scale_temperatures,
+                            generator=generator,
                             code_to_cluster=code_to_cluster, num_clusters=num_clusters)
     save_image_grid(images, out, nrow=n)
     print(f"wrote {out}: {len(classes)} classes x {n} images, seed {seed}, guidance {guidance}, "

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from up import paths
 from up.config import Params
 from up.data import conform, load_source, stratified_split
 from up.io import save_image_grid, save_json, save_torch
-
-OUT = Path("data/prepared")
 
 
 def preview(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -33,15 +30,15 @@ def run(params: Params) -> None:
     for name, index in splits.items():
         labels = raw.labels[index]
         save_torch({"images": images[index].contiguous(), "labels": labels.clone(),
-                    "classes": raw.classes}, OUT / f"{name}.pt")
+                    "classes": raw.classes}, paths.split(paths.PREPARED, name))
         per_class = torch.bincount(labels, minlength=len(raw.classes)).tolist()
         counts[name] = {"total": len(index),
                         "per_class": dict(zip(raw.classes, per_class, strict=True))}
-    save_json(raw.skipped, OUT / "skipped.json")
+    save_json(raw.skipped, paths.PREPARED / "skipped.json")
     save_json({"source": cfg.source, "seed": params.seed, **params.data.model_dump()},
-              OUT / "params.json")
+              paths.PREPARED / "params.json")
     save_json({"source": cfg.source, "images": len(images), "classes": len(raw.classes),
-               "skipped": len(raw.skipped), "splits": counts}, "metrics/prepare.json")
+               "skipped": len(raw.skipped), "splits": counts}, paths.metrics("prepare"))
     train = splits["train"]
     save_image_grid(preview(images[train], raw.labels[train], cfg.preview_per_class),
                     "plots/prepare/preview.png", nrow=cfg.preview_per_class)

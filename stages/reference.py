@@ -39,7 +39,7 @@ def run(params: Params) -> None:
                "memory_bytes": table.memory_bytes(), "train_images": len(fit_ids),
                "calibration_images": len(calib_ids), "candidates": rows}
     save_torch({"table": table.state_dict(), "fit_ids": fit_ids}, paths.REFERENCE)
-    save_json(metrics, "metrics/reference.json")
+    save_json(metrics, paths.metrics("reference"))
     print(f"reference: context {best['context']}, prior {best['prior']}, held-out NLL "
           f"{best['heldout_nll']:.4f}, val NLL {metrics['val_nll']:.4f} "
           f"({metrics['memory_bytes'] / 2**20:.1f} MiB)")

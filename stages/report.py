@@ -11,14 +11,14 @@ from up.io import save_figure, save_json, save_text
 from up.report import (
     MAIN_COLUMNS,
     PAIRED_KEYS,
-    SELECTIVE_COLUMNS,
+    SELECTIVE_KEYS,
     aggregate,
     grids_figure,
     headline,
     markdown,
     paired_differences,
     reliability_figure,
-    selective_figure,
+    risk_coverage_figure,
 )
 
 OUT = Path("results")
@@ -34,7 +34,7 @@ def run(params: Params) -> None:
     needed = [Path(f"metrics/eval-{n}.json") for ns in names.values() for n in ns]
     needed += [p for n in first.values() for p in (Path("samples") / n / "grid.png",
                                                    Path("plots/eval") / n / "reliability.json",
-                                                   Path("plots/eval") / n / "selective.json")]
+                                                   Path("plots/eval") / n / "risk_coverage.json")]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise StageError(f"missing inputs: {', '.join(missing)} "
@@ -42,7 +42,7 @@ def run(params: Params) -> None:
 
     runs = {v: {s: _read_json(Path(f"metrics/eval-{v}-s{s}.json")) for s in params.seeds}
             for v in params.runs}
-    keys = [k for k, _ in MAIN_COLUMNS + SELECTIVE_COLUMNS] + ["kid_std", "is_std"]
+    keys = [k for k, _ in MAIN_COLUMNS] + SELECTIVE_KEYS + ["kid_std", "is_std"]
     summary = aggregate(runs, keys)
     fractions = {r.get("selective_fraction") for by_seed in runs.values() for r in by_seed.values()}
     fraction = fractions.pop() if len(fractions) == 1 else None
@@ -58,6 +58,7 @@ def run(params: Params) -> None:
     plots = {n: Path("plots/eval") / n for n in first.values()}
     save_figure(reliability_figure({n: _read_json(p / "reliability.json") for n, p in plots.items()}),
                 OUT / "reliability.png")
-    save_figure(selective_figure({n: _read_json(p / "selective.json") for n, p in plots.items()}),
-                OUT / "selective.png")
+    # results/selective.png: within-class risk-coverage curves of the failure rate
+    save_figure(risk_coverage_figure({n: _read_json(p / "risk_coverage.json")
+                                      for n, p in plots.items()}), OUT / "selective.png")
     print((OUT / "summary.md").read_text())

@@ -19,7 +19,7 @@ from up.runtime import progress, resolve_device
 from up.sampling import sample
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
-from up.uncertainty import MEASURES, aggregate
+from up.uncertainty import ALL_MEASURES, aggregate
 
 TOKENIZER = Path("models/tokenizer.pt")
 
@@ -27,18 +27,18 @@ TOKENIZER = Path("models/tokenizer.pt")
 def sample_many(var, tokenizer, labels: torch.Tensor, batch_size: int, generator, description: str,
                 **kwargs) -> dict:
     """Sample ``labels`` in batches (one generator throughout) and concatenate."""
-    images, maps = [], {m: [] for m in MEASURES}
+    images, maps = [], {m: [] for m in ALL_MEASURES}
     with progress() as bar:
         task = bar.add_task(description, total=len(labels), info="")
         for start in range(0, len(labels), batch_size):
             batch = labels[start:start + batch_size]
             imgs, _, unc = sample(var, tokenizer, batch, generator=generator, **kwargs)
             images.append(imgs)
-            for name in MEASURES:
+            for name in ALL_MEASURES:
                 maps[name].append(unc["maps"][name])
             mean_h = unc["image"]["entropy"].mean().item()
             bar.update(task, advance=len(batch), info=f"mean entropy {mean_h:.3f}")
-    maps = {name: [torch.cat(s) for s in zip(*maps[name], strict=True)] for name in MEASURES}
+    maps = {name: [torch.cat(s) for s in zip(*maps[name], strict=True)] for name in ALL_MEASURES}
     image, per_scale = aggregate(maps)
     return dict(images=torch.cat(images), labels=labels.cpu(),
                 uncertainty=dict(maps=maps, image=image, per_scale=per_scale))
@@ -84,7 +84,9 @@ def uncertainty_figure(images: torch.Tensor, entropy: torch.Tensor, titles: list
 
 def run(params: Params, variant: str, seed: int) -> None:
     sp = params.sample
-    params.variant(variant)  # fails early, naming the declared variants
+    # fails early, naming the declared variants; the dispersion is recorded with the
+    # variant's own evidence mass (up's kappa; 1.0 for variants without one)
+    kappa = float(getattr(params.variant(variant), "kappa", 1.0))
     device = resolve_device(params.device)
     out = Path("samples") / f"{variant}-s{seed}"
     checkpoint = Path("models") / f"var-{variant}-s{seed}.pt"
@@ -99,17 +101,18 @@ def run(params: Params, variant: str, seed: int) -> None:
 
     generator = torch.Generator(device=device).manual_seed(seed)
     bf16 = device.type == "cuda" and params.train.bf16
-    kwargs = dict(guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k, top_p=sp.top_p,
+    kwargs = dict(guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k,
+                  top_p=sp.top_p,
                   temperature=sp.temperature, scale_temperatures=scale_temperatures,
                   code_to_cluster=code_to_cluster,
-                  num_clusters=num_clusters)
+                  num_clusters=num_clusters, kappa=kappa)
     with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
         result = sample_many(var, tokenizer, labels, sp.batch_size, generator,
                              f"sample {variant}-s{seed}", **kwargs)
     images, labels = result["images"], result["labels"]
 
     config = dict(variant=variant, seed=seed, checkpoint=str(checkpoint), tokenizer=str(TOKENIZER),
-                  num_images=len(labels), num_classes=num_classes, kappa=1.0, device=str(device),
+                  num_images=len(labels), num_classes=num_classes, kappa=kappa, device=str(device),
                   bf16=bf16, scale_temperatures=None if scale_temperatures is None
                   else scale_temperatures.tolist(), **sp.model_dump())
     if sp.save_pngs:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from up import paths
 from up.config import Params
 from up.io import load_torch, save_torch
 from up.runtime import resolve_device
@@ -15,9 +14,9 @@ BATCH = 256
 
 def run(params: Params) -> None:
     device = resolve_device(params.device)
-    model = load_tokenizer("models/tokenizer.pt", device)
+    model = load_tokenizer(paths.TOKENIZER, device)
     for split in SPLITS:
-        data = load_torch(Path("data/prepared") / f"{split}.pt", f"{split} split")
+        data = load_torch(paths.split(paths.PREPARED, split), f"{split} split")
         tokens = tokenize_images(model, data["images"], BATCH, device)
         save_torch({"indices": tokens, "labels": data["labels"], "classes": data["classes"],
-                    "patch_nums": list(model.patch_nums)}, Path("data/tokens") / f"{split}.pt")
+                    "patch_nums": list(model.patch_nums)}, paths.split(paths.TOKENS, split))

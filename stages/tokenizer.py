@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from up import paths
 from up.config import Params
 from up.errors import StageError
 from up.io import load_torch, save_image_grid, save_json, save_torch, save_tsv
@@ -24,13 +25,12 @@ from up.tokenizer_training import (
     train_tokenizer,
 )
 
-PREPARED = Path("data/prepared")
-CHECKPOINT = Path("checkpoints/tokenizer.pt")
-MODEL = Path("models/tokenizer.pt")
+CHECKPOINT = paths.CHECKPOINTS / "tokenizer.pt"
+MODEL = paths.TOKENIZER
 
 
-def load_split(name: str) -> dict:
-    path = PREPARED / f"{name}.pt"
+def load_image_split(name: str) -> dict:
+    path = paths.split(paths.PREPARED, name)
     if not path.is_file():
         raise StageError(f"{path} not found: run the prepare stage first")
     return load_torch(path, f"{name} split")
@@ -58,7 +58,7 @@ def given_tokenizer(path: Path, tp, channels: int):
 
 def run(params: Params) -> None:
     tp = params.tokenizer
-    train, val = load_split("train"), load_split("val")
+    train, val = load_image_split("train"), load_image_split("val")
     channels, height, width = train["images"].shape[1:]
     if height != width or height != tp.patch_nums[-1] * tp.downsample:
         raise StageError(
@@ -93,7 +93,7 @@ def run(params: Params) -> None:
     save_json(resolved, MODEL.with_suffix(".params.json"))
     save_json({**metrics, **trained, "stage_train_s": round(train_s, 2),
                "clusters_used": int(torch.unique(code_to_cluster).numel())},
-              "metrics/tokenizer.json")
+              paths.metrics("tokenizer"))
     save_tsv(state.curves if state is not None else [{"step": 0, "loss": 0.0}],
              "plots/tokenizer/curves.tsv")
     save_image_grid(grid, "plots/tokenizer/grid.png", nrow=len(shown))

@@ -46,6 +46,6 @@ def run(params: Params, variant: str, seed: int) -> None:
     model = paths.model(variant, seed)
     save_torch(result.model, model)
     save_json(resolved_params(params, variant, seed), model.with_suffix(".params.json"))
-    save_json(result.metrics, f"metrics/train-{tag}.json")
+    save_json(result.metrics, paths.metrics(f"train-{tag}"))
     save_tsv(result.rows, f"plots/train/{tag}.tsv")
     checkpoint.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ TINY = {
     "sample": {"n_per_class": 2, "batch_size": 10, "grid_per_class": 2},
     "evaluator": {"widths": [8, 16], "feature_dim": 16, "steps": 10, "batch_size": 32},
     "evaluate": {"kid_subset_size": 10, "kid_subsets": 5, "random_repeats": 2},
+    "sweep": {"guidance": [0.5, 3.0], "n_per_class": 4},
 }
 
 

@@ -23,7 +23,15 @@ from up.fidelity import (
     frechet_distance,
     register_evaluator,
 )
-from up.selective import class_accuracy, class_diversity, kept_count, most_certain, selective_curves
+from up.selective import (
+    class_accuracy,
+    class_diversity,
+    kept_count,
+    most_certain,
+    on_class_diversity,
+    realism_score,
+    selective_curves,
+)
 
 TRAIN_ARGS = dict(widths=[8, 16], feature_dim=16, feature_scale=0.4, batch_size=64, lr=3e-3)
 
@@ -242,3 +250,104 @@ def test_class_diversity_and_accuracy_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
     assert class_accuracy(logits, torch.tensor([0, 0, -1, 1])) == pytest.approx(2 / 3)
     assert class_accuracy(logits, torch.full((4,), -1)) is None
+
+
+# -- per-sample quality and the evaluate stage ---------------------------------------
+
+def test_realism_of_real_images_is_high_and_of_noise_low(digits, evaluator_path):
+    (_, _), (real_x, real_y), (held_x, held_y) = digits
+    model = load_evaluator(evaluator_path)
+    real_f, _ = evaluator_outputs(model, real_x)
+    held_f, _ = evaluator_outputs(model, held_x)
+    noise = torch.randint(0, 256, held_x.shape, generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    noise_f, _ = evaluator_outputs(model, noise)
+    real_score = realism_score(held_f, held_y, real_f, real_y, k=3)
+    noise_score = realism_score(noise_f, held_y, real_f, real_y, k=3)
+    assert real_score.median() > 1.0 and (real_score >= 1).double().mean() > 0.8
+    # (a tiny evaluator with 16 features: noise is not far from every digit)
+    assert noise_score.median() < 0.8 and (noise_score >= 1).double().mean() < 0.2
+    # against another class's set, real images look unreal
+    wrong = realism_score(held_f, (held_y + 1) % 10, real_f, real_y, k=3)
+    assert wrong.median() < real_score.median() / 2
+    own = realism_score(real_f[:20], real_y[:20], real_f, real_y, k=3)  # members of the set
+    assert (own > 1e6).all()
+
+
+def test_on_class_diversity_ignores_misclassified_samples():
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [30.0, 40.0]])
+    classes = torch.tensor([0, 0, 0])
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the far one is a wrong digit
+    assert on_class_diversity(features, logits, classes) == pytest.approx(5.0)
+    assert class_diversity(features, classes) > 5.0
+    assert on_class_diversity(features, -logits, classes) is None
+
+
+def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_path, monkeypatch):
+    """The evaluate stage end to end on digits 'samples' (real digits, a fifth of them
+    replaced by noise, with an uncertainty that is high on the noise), calibration
+    stubbed: the scores that see the noise find the failed samples."""
+    import json
+    import time
+
+    import yaml
+
+    from stages import evaluate as stage
+    from tests.project import ROOT
+    from up.config import load_params
+    from up.io import save_torch
+
+    _, (real_x, real_y), (held_x, held_y) = digits
+    order = torch.argsort(held_y, stable=True)
+    per_class = torch.bincount(held_y).min().item()
+    keep = torch.cat([order[held_y[order] == c][:per_class] for c in range(10)])
+    images, labels = held_x[keep].clone(), held_y[keep].clone()
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.rand(len(images), generator=gen) < 0.2
+    images[noisy] = torch.randint(0, 256, (int(noisy.sum()), *images.shape[1:]), generator=gen,
+                                  dtype=torch.uint8)
+    signal = noisy.float() + 0.3 * torch.rand(len(images), generator=gen)
+    noise_only = torch.rand(len(images), generator=gen)
+    maps = {m: [(signal if m != "surprisal" else noise_only)[:, None, None]
+                * torch.ones(len(images), p, p) for p in (1, 2, 4)]
+            for m in ("entropy", "dispersion", "semantic_entropy", "cond_entropy", "surprisal")}
+    save_torch({"images": images, "labels": labels, "seed": 0,
+                "uncertainty": {"maps": maps}}, tmp_path / "samples/ce-s0/samples.pt")
+    save_torch({"images": real_x, "labels": real_y}, tmp_path / "data/prepared/test.pt")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/evaluator.pt").write_bytes(evaluator_path.read_bytes())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["device"] = "cpu"
+    params["evaluate"].update(bootstrap=200, kid_subsets=5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "calibration", lambda *a: ({"ece": 0.0, "n_val_tokens": 1}, [
+        {"bin": 0, "confidence": 0.5, "accuracy": 0.5, "count": 1}]))
+    start = time.perf_counter()
+    stage.run(load_params(), "ce", 0)
+    elapsed = time.perf_counter() - start
+
+    metrics = json.loads((tmp_path / "metrics/eval-ce-s0.json").read_text())
+    for key in ("density", "coverage", "diversity", "diversity_all", "failure_rate",
+                "aurc_random", "aurc_oracle", "selective_fid_oracle", "selective_fid_random"):
+        assert metrics[key] is not None, key
+    assert metrics["failure_rate"] >= noisy.double().mean().item() - 0.02
+    assert metrics["auroc_entropy"] > 0.8 and metrics["auroc_entropy_lo"] > 0.7
+    assert 0.3 < metrics["auroc_surprisal"] < 0.7  # the unrelated score: chance
+    assert metrics["aurc_gain_entropy_lo"] > 0.5 and metrics["aurc_gain_surprisal_lo"] < 0.0
+    assert metrics["spearman_entropy"] < -0.3
+    assert metrics["aurc_oracle"] <= metrics["aurc_entropy"] <= metrics["aurc_random"]
+    assert metrics["selective_fid_entropy"] < metrics["selective_fid_random"]
+    plots = tmp_path / "plots/eval/ce-s0"
+    for name in ("selective", "risk_coverage", "score_correlation"):
+        assert (plots / f"{name}.png").stat().st_size > 0
+    per_sample = json.loads((plots / "per_sample.json").read_text())
+    assert len(per_sample) == len(images)
+    assert sum(r["failed"] for r in per_sample) / len(images) == \
+        pytest.approx(metrics["failure_rate"])
+    stats = json.loads((plots / "selective_stats.json").read_text())
+    assert {r["score"] for r in stats} == {f"{m}{e}" for m in maps for e in ("", "_fine")}
+    corr = json.loads((plots / "score_correlation.json").read_text())
+    assert len(corr) == 100
+    print(f"evaluate stage: {elapsed:.1f} s")

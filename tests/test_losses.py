@@ -23,6 +23,9 @@ from up.losses import (
 )
 
 D = torch.float64
+# The `up` options without the semantic term (no clusters needed).
+UP_OPTIONS = dict(kappa=1.0, lambda_disp=0.5, lambda_se=0.0, penalty="w2", reference="calibrated",
+                  smoothing=0.1, semantic="match")
 
 
 def t(*values):
@@ -177,8 +180,9 @@ CLUSTERS = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 1])
 
 
 def _up(**options):
-    defaults = dict(kappa=2.0, lambda_disp=0.7, lambda_se=0.3, code_to_cluster=CLUSTERS,
-                    num_clusters=C, scale_ids=SCALES, num_scales=2)
+    defaults = dict(kappa=2.0, lambda_disp=0.7, lambda_se=0.3, penalty="w2",
+                    reference="calibrated", smoothing=0.1, semantic="match",
+                    code_to_cluster=CLUSTERS, num_clusters=C, scale_ids=SCALES, num_scales=2)
     return UncertaintyPreservingLoss(**{**defaults, **options})
 
 
@@ -311,7 +315,7 @@ def test_build_token_loss_kinds_and_parts():
     context = dict(code_to_cluster=CLUSTERS, num_clusters=C, scale_ids=SCALES, num_scales=2)
     expected = {"ce": ce, "ls": label_smoothing_loss(logits, targets, 0.2),
                 "lr": label_relaxation_loss(logits, targets, 0.3), "up": ce}
-    options = {"ce": {}, "ls": {"epsilon": 0.2}, "lr": {"alpha": 0.3}, "up": {"kappa": 3.0}}
+    options = {"ce": {}, "ls": {"epsilon": 0.2}, "lr": {"alpha": 0.3}, "up": {**UP_OPTIONS, "kappa": 3.0}}
     for kind in expected:
         module = build_token_loss(kind, **context, **options[kind])
         total, parts = module(logits, targets)
@@ -329,7 +333,7 @@ def test_build_token_loss_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown options \\['epsilon'\\]; allowed: \\[\\]"):
         build_token_loss("ce", epsilon=0.1)
     with pytest.raises(ValueError, match="scale_ids"):
-        build_token_loss("up", code_to_cluster=CLUSTERS, num_clusters=C)
+        build_token_loss("up", code_to_cluster=CLUSTERS, num_clusters=C, **UP_OPTIONS)
 
 
 # -- temperature scaling ---------------------------------------------------
@@ -367,6 +371,7 @@ def test_fit_temperature_is_the_nll_minimiser():
     assert fit_temperature(logits, logits.argmax(-1), bounds=(0.1, 50.0)) == pytest.approx(0.1)
 
 
+
 @pytest.mark.parametrize("penalty", ["w2", "variance"])
 def test_given_reference_with_per_token_kappa_equals_plain_composition(penalty):
     """The fused loss with a caller-given p_ref and per-token kappa (teacher, empirical)
@@ -378,8 +383,9 @@ def test_given_reference_with_per_token_kappa_equals_plain_composition(penalty):
     y = torch.randint(0, V, (3, 5))
     ref = torch.softmax(torch.randn(3, 5, V, dtype=torch.float64), -1)
     kappa = torch.rand(3, 5, dtype=torch.float64) * 10 + 1
-    loss = UncertaintyPreservingLoss(reference="teacher", penalty=penalty, lambda_disp=1.0,
-                                     lambda_se=1.0, code_to_cluster=c2c, num_clusters=C)
+    loss = UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "teacher", "penalty": penalty,
+                                        "lambda_disp": 1.0, "lambda_se": 1.0},
+                                     code_to_cluster=c2c, num_clusters=C)
     total, _ = loss(z, y, reference=(ref, kappa))
     p = z.softmax(-1)
     plain = (F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(3, 5)
@@ -399,7 +405,8 @@ def test_reference_that_differs_moves_dispersion_towards_it():
     z = (torch.randn(64, V, dtype=torch.float64) * 3).requires_grad_()
     y = z.detach().argmax(-1)
     ref = torch.softmax(z.detach() / 3.0, -1)  # same ranking, far wider
-    loss = UncertaintyPreservingLoss(reference="teacher", lambda_disp=1.0, lambda_se=0.0)
+    loss = UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "teacher", "lambda_disp": 1.0,
+                                        "lambda_se": 0.0})
     total, parts = loss(z, y, reference=(ref, None))
     g_up, = torch.autograd.grad(total.sum(), z)
     g_ce, = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum"), z)
@@ -417,7 +424,7 @@ def test_reference_that_differs_moves_dispersion_towards_it():
 def test_reference_argument_is_required_exactly_when_the_reference_is_external():
     z, y = torch.randn(2, 8), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="needs reference"):
-        UncertaintyPreservingLoss(reference="empirical", lambda_se=0.0)(z, y)
+        UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "empirical"})(z, y)
     with pytest.raises(ValueError, match="takes no"):
-        UncertaintyPreservingLoss(reference="smoothed", lambda_se=0.0)(
+        UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "smoothed"})(
             z, y, reference=(z.softmax(-1), None))

@@ -10,7 +10,14 @@ import yaml
 from up.config import load_params
 from up.errors import StageError
 from up.io import save_image_grid, save_json
-from up.report import HEADLINE_KEYS, MAIN_COLUMNS, SELECTIVE_COLUMNS, paired_differences
+from up.report import (
+    HEADLINE_KEYS,
+    MAIN_COLUMNS,
+    RANKED,
+    SELECTIVE_COLUMNS,
+    SELECTIVE_KEYS,
+    paired_differences,
+)
 
 SCORES = ["entropy", "dispersion", "semantic_entropy", "random"]
 
@@ -20,7 +27,7 @@ def eval_metrics(variant_index: int, seed: int) -> dict:
     base = 10.0 * (variant_index + 1) + 1.5 * seed
     metrics = {key: base + i / 8 for i, (key, _) in enumerate(MAIN_COLUMNS)}
     metrics["class_accuracy"] = None if variant_index == 1 else metrics["class_accuracy"]
-    metrics.update({key: base - i for i, (key, _) in enumerate(SELECTIVE_COLUMNS)})
+    metrics.update({key: base - i for i, key in enumerate(SELECTIVE_KEYS)})
     metrics.update(kid_std=0.01, is_std=0.2, selective_fraction=0.5, n_samples=100, n_real=50,
                    seed=seed, sample_seed=seed, feature_extractor="evaluator")
     return metrics
@@ -40,6 +47,9 @@ def make_project(root, variants: list[str], seeds: list[int]) -> None:
                         "fid": 5.0 * f + i, "precision": 0.5, "recall": 0.5,
                         "class_accuracy": None} for s in SCORES for f in (1.0, 0.5)],
                       root / "plots/eval" / name / "selective.json")
+            save_json([{"score": s, "risk": "failure", "coverage": c, "value": 0.1 * c + i}
+                       for s in RANKED[:3] + ["random", "oracle"] for c in (0.5, 1.0)],
+                      root / "plots/eval" / name / "risk_coverage.json")
             save_image_grid(torch.full((4, 1, 8, 8), 40 * i, dtype=torch.uint8),
                             root / "samples" / name / "grid.png", nrow=2)
 
@@ -93,9 +103,29 @@ def test_single_seed_cells_are_the_values(tmp_path, monkeypatch):
     text = (tmp_path / "results/summary.md").read_text()
     metrics = eval_metrics(0, 3)
     assert table_rows(text)["ce"] == [f"{metrics[k]:.4g}" for k, _ in MAIN_COLUMNS]
-    selective = text.split("## ")[1]
-    assert "most certain 50%" in selective
+    selective = text.split("## Selective generation")[1]
+    assert "most certain 50% of every class" in selective
+    # one seed: the value and its bootstrap interval; subset FID has none
+    auroc = (f"| ce | 3 | 100 / 50 | {metrics['auroc_entropy']:.3g} "
+             f"[{metrics['auroc_entropy_lo']:.3g}, {metrics['auroc_entropy_hi']:.3g}] |")
+    assert auroc in selective
     assert f"| ce | 3 | 100 / 50 | {metrics['selective_fid_entropy']:.4g} |" in selective
+    assert len([line for line in selective.splitlines() if line.startswith("| ce |")]) == 4
+
+
+def test_selective_tables_show_mean_and_std_over_seeds(tmp_path, monkeypatch):
+    from stages.report import run
+
+    make_project(tmp_path, ["ce", "up"], [0, 1])
+    monkeypatch.chdir(tmp_path)
+    run(load_params())
+    text = (tmp_path / "results/summary.md").read_text().split("## Selective generation")[1]
+    values = [eval_metrics(1, s)["aurc_gain_surprisal_fine"] for s in (0, 1)]
+    cell = f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+    row = next(line for line in text.split("### AURC gain")[1].splitlines()
+               if line.startswith("| up |"))
+    assert row.split(" | ")[3 + RANKED.index("surprisal_fine")] == cell
+    assert {key for key, _ in SELECTIVE_COLUMNS} <= set(SELECTIVE_KEYS)
 
 
 def test_missing_run_is_named(tmp_path, monkeypatch):
@@ -132,7 +162,7 @@ def test_report_has_paired_tables_against_teacher_and_ts(tmp_path, monkeypatch):
         metrics = eval_metrics(0, seed)
         metrics["fid"] += 0.25 * (seed + 1)  # ce+ts - ce: +0.25, +0.5
         save_json(metrics, tmp_path / "metrics" / f"eval-ce+ts-s{seed}.json")
-    for rel in ("plots/eval/ce-s0/reliability.json", "plots/eval/ce-s0/selective.json",
+    for rel in ("plots/eval/ce-s0/reliability.json", "plots/eval/ce-s0/risk_coverage.json",
                 "samples/ce-s0/grid.png"):
         target = tmp_path / rel.replace("ce-s0", "ce+ts-s0")
         target.parent.mkdir(parents=True, exist_ok=True)

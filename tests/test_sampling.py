@@ -13,7 +13,7 @@ from up.io import load_torch, save_torch
 from up.sampling import filter_logits, guidance_ratio, sample
 from up.tokenizer import MultiScaleVQVAE
 from up.transformer import VAR
-from up.uncertainty import aggregate
+from up.uncertainty import aggregate, fine_mean, image_scores
 
 PATCH_NUMS = (1, 2, 3, 4)
 V, C, CLASSES, CLUSTERS = 16, 8, 5, 4
@@ -43,7 +43,7 @@ def models():
 
 def draw(models, seed=0, labels=LABELS, **kwargs):
     var, tok = models
-    kwargs = {"guidance": 2.0, **kwargs}
+    kwargs = {"guidance": 2.0, "guidance_schedule": "linear", **kwargs}
     return sample(var, tok, labels, generator=torch.Generator().manual_seed(seed),
                   code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS, **kwargs)
 
@@ -160,6 +160,44 @@ def test_recorded_uncertainty_equals_recomputed(models, guidance, schedule, temp
             > 1e-3
 
 
+@pytest.mark.parametrize("guidance, temperature, scaled", [
+    (0.0, 1.0, False), (3.0, 0.7, False), (2.0, 1.3, True)])
+def test_conditional_entropy_and_surprisal_equal_a_cond_only_forward(models, guidance,
+                                                                      temperature, scaled):
+    """cond_entropy and surprisal are of the conditional distribution alone: one cond-only
+    forward on the generated tokens, divided by the scale temperature only (neither
+    guidance nor the sampling temperature)."""
+    scale_t = torch.tensor([1.0, 0.8, 1.5, 1.2]) if scaled else None
+    _, indices, unc = draw(models, seed=2, guidance=guidance, temperature=temperature,
+                           scale_temperatures=scale_t, top_k=4)
+    var, tok = models
+    with torch.no_grad():
+        cond = var(LABELS, tok.indices_to_var_input(indices))
+    for k, (begin, end) in enumerate(var.begin_ends):
+        z = cond[:, begin:end] / (1.0 if scale_t is None else scale_t[k])
+        logp = z.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        surprisal = -logp.gather(-1, indices[k].flatten(1)[..., None])[..., 0]
+        shape = unc["maps"]["cond_entropy"][k].shape
+        torch.testing.assert_close(unc["maps"]["cond_entropy"][k], entropy.view(shape),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(unc["maps"]["surprisal"][k], surprisal.view(shape),
+                                   rtol=1e-4, atol=1e-5)
+    if guidance > 0 or temperature != 1.0:  # they differ from the sampled distribution's
+        assert (unc["maps"]["cond_entropy"][-1] - unc["maps"]["entropy"][-1]).abs().max() > 1e-3
+
+
+def test_image_scores_by_hand():
+    maps = {"h": [torch.tensor([[[1.0]], [[3.0]]]),
+                  torch.tensor([[[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 5.0]]])]}
+    scores = image_scores(maps, fine_scales=1)
+    torch.testing.assert_close(scores["h"], torch.tensor([9.0 / 5, 8.0 / 5]))
+    torch.testing.assert_close(scores["h_fine"], torch.tensor([2.0, 1.25]))
+    torch.testing.assert_close(fine_mean(maps["h"], 2), scores["h"])
+    with pytest.raises(ValueError):
+        fine_mean(maps["h"], 3)
+
+
 def test_guidance_zero_ignores_the_null_class():
     """guidance = 0 is the conditional model alone: the null class cannot matter."""
     var, tok = build_models()
@@ -232,7 +270,8 @@ def test_sample_stage(project, models):
     # batches of 4 share one generator: same images as sampling batch by batch by hand
     gen = torch.Generator().manual_seed(0)
     var, tok = models
-    by_hand = [sample(var, tok, saved["labels"][s:s + 4], guidance=1.5, generator=gen,
+    by_hand = [sample(var, tok, saved["labels"][s:s + 4], guidance=1.5,
+                      guidance_schedule="linear", generator=gen,
                       code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS)[0]
                for s in range(0, N, 4)]
     assert torch.equal(torch.cat(by_hand), saved["images"])
@@ -241,6 +280,29 @@ def test_sample_stage(project, models):
     grid = Image.open(out / "grid.png")
     assert grid.size == (2 * 8 + 3 * 2, CLASSES * 8 + (CLASSES + 1) * 2)  # rows = classes
     assert Image.open(out / "uncertainty_map.png").size[0] > 100
+
+
+def test_sample_stage_records_the_variants_kappa(project, models):
+    """Dispersion is recorded with the variant's own kappa (up: 3.0 here), 1.0 otherwise."""
+    from stages import sample as stage
+    from up.config import load_params
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["variants"] = {"ce": {"loss": "ce"}, "up": {"loss": "up", "kappa": 3.0}}
+    params["sample"].update(save_pngs=False)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "models" / "var-up-s0.pt").write_bytes(
+        (project / "models" / "var-ce-s0.pt").read_bytes())  # the same network
+    stage.run(load_params(), "ce", 0)
+    stage.run(load_params(), "up", 0)
+    ce, up = (load_torch(project / "samples" / f"{v}-s0" / "samples.pt") for v in ("ce", "up"))
+    assert ce["config"]["kappa"] == 1.0 and up["config"]["kappa"] == 3.0
+    assert torch.equal(ce["images"], up["images"])
+    for a, b in zip(ce["uncertainty"]["maps"]["dispersion"], up["uncertainty"]["maps"]["dispersion"],
+                    strict=True):  # sum p (1 - p) / (kappa + 1)
+        torch.testing.assert_close(b, a * 2.0 / 4.0)
+    assert set(up["uncertainty"]["image"]) == {"entropy", "dispersion", "semantic_entropy",
+                                               "cond_entropy", "surprisal"}
 
 
 def test_generate_command(project):

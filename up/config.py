@@ -190,6 +190,24 @@ class SampleParams(Section):
     grid_per_class: int = Field(8, ge=1, le=64)
 
 
+class SweepParams(Section):
+    """The guidance sweep (sweep@ stages) and the matched quality of the frontier stage."""
+
+    guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0],
+                                                          min_length=2)
+    n_per_class: int = Field(30, ge=1)
+    # the quality level recall / diversity are read at; null = the midpoint of the range
+    # every run's curve reaches (see up/frontier.py)
+    match_precision: float | None = Field(None, gt=0, le=1)
+    match_class_accuracy: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SweepParams:
+        if len(set(self.guidance)) != len(self.guidance):
+            raise ValueError(f"sweep.guidance has repeated values: {self.guidance}")
+        return self
+
+
 class EvaluatorParams(Section):
     widths: list[Annotated[int, Field(ge=4)]] = [32, 64]
     feature_dim: int = Field(128, ge=2)
@@ -208,6 +226,9 @@ class EvaluateParams(Section):
     ece_bins: int = Field(15, ge=2)
     selective_fractions: list[Annotated[float, Field(gt=0, le=1)]] = [1.0, 0.9, 0.75, 0.5]
     random_repeats: int = Field(5, ge=1)
+    fine_scales: int = Field(2, ge=1)  # image score "<measure>_fine": mean over the finest scales
+    realism_threshold: float = Field(1.0, gt=0)  # failed sample: realism below it (or misclassified)
+    bootstrap: int = Field(1000, ge=1)  # stratified bootstrap draws for the 95 % intervals
 
 
 class Params(BaseSettings):
@@ -233,6 +254,7 @@ class Params(BaseSettings):
     derived: dict[str, Variant] = Field(default_factory=dict)
     reference: ReferenceParams = ReferenceParams()
     sample: SampleParams = SampleParams()
+    sweep: SweepParams = SweepParams()
     evaluator: EvaluatorParams = EvaluatorParams()
     evaluate: EvaluateParams = EvaluateParams()
 

@@ -299,7 +299,7 @@ class CrossEntropy(TokenLoss):
 
 
 class LabelSmoothing(TokenLoss):
-    def __init__(self, epsilon: float = 0.1):
+    def __init__(self, epsilon: float):
         super().__init__()
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"epsilon={epsilon} must lie in (0, 1)")
@@ -312,7 +312,7 @@ class LabelSmoothing(TokenLoss):
 
 
 class LabelRelaxation(TokenLoss):
-    def __init__(self, alpha: float = 0.1):
+    def __init__(self, alpha: float):
         super().__init__()
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha={alpha} must lie in (0, 1)")
@@ -345,12 +345,13 @@ class UncertaintyPreservingLoss(TokenLoss):
     0 is neither computed nor reported.
 
     Parts: "ce", "disp", "se" (per token; the total is
-    ce + lambda_disp * disp + lambda_se * se).
+    ce + lambda_disp * disp + lambda_se * se). The options have no defaults
+    here: params.yaml (through ``UPVariant``) is their one source.
     """
 
-    def __init__(self, kappa: float = 1.0, lambda_disp: float = 0.5, lambda_se: float = 0.1,
-                 penalty: str = "w2", reference: str = "calibrated", smoothing: float = 0.1,
-                 semantic: str = "match", code_to_cluster: torch.Tensor | None = None,
+    def __init__(self, *, kappa: float, lambda_disp: float, lambda_se: float, penalty: str,
+                 reference: str, smoothing: float, semantic: str,
+                 code_to_cluster: torch.Tensor | None = None,
                  num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
                  num_scales: int | None = None, fused: bool = True):
         super().__init__()

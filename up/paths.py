@@ -24,3 +24,17 @@ def model(variant: str, seed: int) -> Path:
 
 def samples(variant: str, seed: int) -> Path:
     return Path("samples") / run_tag(variant, seed)
+
+
+def split(kind: Path, name: str) -> Path:
+    """One split (train | val | test) of the prepared images or of the token cache."""
+    return kind / f"{name}.pt"
+
+
+def metrics(name: str) -> Path:
+    """metrics/<name>.json: ``tokenizer``, ``train-ce-s0``, ``eval-ce-s0`` ..."""
+    return Path("metrics") / f"{name}.json"
+
+
+def eval_plots(variant: str, seed: int) -> Path:
+    return Path("plots/eval") / run_tag(variant, seed)

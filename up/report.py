@@ -14,11 +14,44 @@ from pathlib import Path
 # (key in metrics/eval-*.json, column title); arrows say which direction is better.
 MAIN_COLUMNS = [
     ("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("is_mean", "IS ↑"), ("precision", "precision ↑"),
-    ("recall", "recall ↑"), ("diversity", "diversity"), ("class_accuracy", "class acc ↑"),
+    ("recall", "recall ↑"), ("diversity", "diversity"), ("density", "density"),
+    ("coverage", "coverage ↑"), ("class_accuracy", "class acc ↑"),
     ("ece", "ECE ↓"), ("nll", "NLL ↓"), ("brier", "Brier ↓"), ("token_accuracy", "token acc"),
 ]
-SCORES = ["entropy", "dispersion", "semantic_entropy", "random"]
-SELECTIVE_COLUMNS = [(f"selective_fid_{s}", s) for s in SCORES]
+# The per-image uncertainty scores (up.uncertainty.image_scores): the guided distribution's
+# measures and the conditional distribution's, each as the mean over all tokens and over
+# the finest scales (_fine); 'random' and 'oracle' are the controls.
+MEASURE_NAMES = ["entropy", "dispersion", "semantic_entropy", "cond_entropy", "surprisal"]
+SCORES = MEASURE_NAMES + [f"{m}_fine" for m in MEASURE_NAMES] + ["random"]
+RANKED = [s for s in SCORES if s != "random"]
+# Selective generation tables: (title, explanation, [(key, column title)]).
+SELECTIVE_TABLES = [
+    ("Within-class AUROC for failed samples ↑",
+     "Probability that a failed sample (misclassified by the evaluator, or realism below the "
+     "threshold) has a higher score than a good sample of the same class; 0.5 = chance.",
+     [(f"auroc_{s}", s) for s in RANKED]),
+    ("AURC gain over random ↑ (failure risk)",
+     "(AURC_random − AURC_score) / (AURC_random − AURC_oracle) of the within-class "
+     "risk-coverage curve of the failure rate: 0 = no better than dropping at random, "
+     "1 = as good as ranking by the failure itself. `random`/`oracle`: their AURC.",
+     [(f"aurc_gain_{s}", s) for s in RANKED]
+     + [("aurc_random", "AURC random"), ("aurc_oracle", "AURC oracle")]),
+    ("Within-class Spearman correlation with log p(y | x)",
+     "Mean over classes of the rank correlation between the score and the evaluator's "
+     "log-probability of the conditioned class; negative = uncertain samples are worse.",
+     [(f"spearman_{s}", s) for s in RANKED]),
+    ("Stratified subset FID ↓",
+     "FID of the most certain fraction of every class; `random`: stratified random subsets "
+     "of the same per-class sizes; `oracle`: ranked by −log p(y | x). Lower than `random` "
+     "means the score removes bad samples, but FID also penalises lost diversity.",
+     [(f"selective_fid_{s}", s) for s in MEASURE_NAMES]
+     + [("selective_fid_random", "random"), ("selective_fid_oracle", "oracle")]),
+]
+SELECTIVE_COLUMNS = [column for _, _, columns in SELECTIVE_TABLES for column in columns]
+# Bootstrap interval keys shown beside single-seed cells.
+SELECTIVE_KEYS = [key for key, _ in SELECTIVE_COLUMNS] + [
+    f"{key}_{end}" for key, _ in SELECTIVE_COLUMNS
+    if key.startswith(("auroc_", "aurc_gain_", "spearman_")) for end in ("lo", "hi")]
 
 
 def aggregate(runs: dict[str, dict[int, dict]], keys: Sequence[str]) -> dict[str, dict]:
@@ -164,16 +197,40 @@ def markdown(summary: dict[str, dict], selective_fraction: float | None,
                   "(n − 1 degrees of freedom: with 3 seeds t = 4.30, so intervals are wide); "
                   "* marks an interval that excludes 0.", *paired_markdown(paired)]
     if selective_fraction is not None:
-        lines += [
-            "",
-            f"## Selective generation: FID of the most certain {selective_fraction:.0%} of samples",
-            "",
-            "Images ranked by each uncertainty score; `random` drops the same number at random "
-            "(mean over seeded draws). Lower than `random` means the score finds the bad samples.",
-            "",
-            *_table(summary, SELECTIVE_COLUMNS),
-        ]
+        lines += selective_markdown(summary, selective_fraction)
     return "\n".join(lines) + "\n"
+
+
+def _selective_cell(entry: dict, lo: dict | None, hi: dict | None) -> str:
+    """mean ± std over seeds; one seed: the value and its bootstrap 95 % interval."""
+    if entry["mean"] is None or entry["std"] is not None or lo is None or lo["mean"] is None:
+        return format_cell(entry)
+    return f"{entry['mean']:.3g} [{lo['mean']:.3g}, {hi['mean']:.3g}]"
+
+
+def selective_markdown(summary: dict[str, dict], selective_fraction: float) -> list[str]:
+    """The selective-generation tables: rows variants, columns uncertainty scores."""
+    lines = ["", "## Selective generation",
+             "", "Images are ranked by each uncertainty score within their class (every class "
+             "keeps the same fraction). Scores: entropy, dispersion, semantic entropy of the "
+             "guided distribution; cond_entropy and surprisal (−log p_cond of the sampled "
+             "token) of the conditional one; `_fine`: mean over the finest scales only. "
+             "Several seeds: mean ± std over seeds; one seed: value [bootstrap 95 % interval]."]
+    for title, text, columns in SELECTIVE_TABLES:
+        if title.startswith("Stratified subset FID"):
+            title = f"{title}: most certain {selective_fraction:.0%} of every class"
+        head = ["variant", "seeds", "N gen / N real"] + [t for _, t in columns]
+        lines += ["", f"### {title}", "", text, "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for variant, entry in summary.items():
+            metrics = entry["metrics"]
+            counts = (f"{'/'.join(map(str, entry['n_samples']))} / "
+                      f"{'/'.join(map(str, entry['n_real']))}")
+            cells = [variant, ",".join(map(str, entry["seeds"])), counts]
+            cells += [_selective_cell(metrics[key], metrics.get(f"{key}_lo"),
+                                      metrics.get(f"{key}_hi")) for key, _ in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pyplot():
@@ -200,27 +257,80 @@ def reliability_figure(curves: dict[str, list[dict]]):
     return fig
 
 
+def _score_axes(plt, n: int, sharey: bool = True):
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False,
+                             sharey=sharey)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
 def selective_figure(curves: dict[str, list[dict]], metric: str = "fid"):
-    """``metric`` against the kept fraction: one panel per uncertainty score, one line per
-    label; the random-drop control dashed in every panel."""
+    """Stratified subset ``metric`` against the kept fraction: one panel per uncertainty
+    score, one line per label; the stratified random control dashed and the oracle
+    dotted in every panel."""
     plt = _pyplot()
-    scores = [s for s in SCORES if s != "random"]
-    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.2), squeeze=False,
-                             sharey=True)
-    for ax, score in zip(axes[0], scores, strict=True):
+    present = {r["score"] for rows in curves.values() for r in rows}
+    scores = [s for s in RANKED if s in present]
+    fig, axes = _score_axes(plt, len(scores))
+    for ax, score in zip(axes, scores, strict=False):
         for i, (label, rows) in enumerate(curves.items()):
             color = f"C{i}"
-            for name, style in ((score, "-"), ("random", "--")):
+            for name, style in ((score, "-"), ("random", "--"), ("oracle", ":")):
                 picked = sorted((r["fraction"], r[metric]) for r in rows
-                                if r["score"] == name and r[metric] is not None)
+                                if r["score"] == name and r.get(metric) is not None)
                 if picked:
                     xs, ys = zip(*picked, strict=True)
                     ax.plot(xs, ys, style, color=color, marker="o", ms=3,
-                            label=label if name == score else f"{label} random")
-        ax.set(title=f"ranked by {score}", xlabel="kept fraction (most certain)")
+                            label=label if name == score else f"{label} {name}")
+        ax.set_title(f"ranked by {score}", fontsize=8)
+        ax.set_xlabel("kept fraction per class", fontsize=7)
         ax.invert_xaxis()
-    axes[0, 0].set_ylabel(metric)
-    axes[0, -1].legend(fontsize=6)
+    axes[0].set_ylabel(f"{metric} (stratified)")
+    axes[0].legend(fontsize=5)
+    return fig
+
+
+def risk_coverage_figure(curves: dict[str, list[dict]], risk: str = "failure"):
+    """Within-class risk-coverage curves (mean ``risk`` of the kept samples against the
+    kept fraction of every class): one panel per uncertainty score, one line per label,
+    with the random (dashed) and oracle (dotted) controls."""
+    plt = _pyplot()
+    present = {r["score"] for rows in curves.values() for r in rows}
+    scores = [s for s in RANKED if s in present]
+    fig, axes = _score_axes(plt, len(scores))
+    for ax, score in zip(axes, scores, strict=False):
+        for i, (label, rows) in enumerate(curves.items()):
+            for name, style in ((score, "-"), ("random", "--"), ("oracle", ":")):
+                picked = sorted((r["coverage"], r["value"]) for r in rows
+                                if r["score"] == name and r["risk"] == risk)
+                if picked:
+                    xs, ys = zip(*picked, strict=True)
+                    ax.plot(xs, ys, style, color=f"C{i}", lw=1,
+                            label=label if name == score else f"{label} {name}")
+        ax.set_title(f"ranked by {score}", fontsize=8)
+        ax.set_xlabel("coverage (kept fraction per class)", fontsize=7)
+    axes[0].set_ylabel(f"{risk} of kept samples")
+    axes[0].legend(fontsize=5)
+    return fig
+
+
+def correlation_figure(correlations: dict, title: str = ""):
+    """Heat map of the within-class Spearman correlations between the scores."""
+    plt = _pyplot()
+    names, matrix = correlations["scores"], correlations["spearman"]
+    fig, ax = plt.subplots(figsize=(0.55 * len(names) + 2.5, 0.55 * len(names) + 1.5))
+    matrix = [[float("nan") if v is None else v for v in row] for row in matrix]
+    shown = ax.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
+    fig.colorbar(shown, ax=ax, fraction=0.04, label="within-class Spearman")
+    ax.set_title(f"score correlations {title}".strip(), fontsize=9)
     return fig
 
 

@@ -3,7 +3,9 @@
 VAR's autoregressive inference: at scale k the transformer predicts logits
 for all p_k^2 positions at once; the guided, tempered distribution is
 recorded (entropy, dispersion, semantic entropy) and then truncated by
-top-k/top-p and sampled; the tokenizer accumulates the sampled map into
+top-k/top-p and sampled; the conditional half of the same forward gives the
+model's own prediction, whose entropy and the sampled token's surprisal are
+recorded too (no extra forward); the tokenizer accumulates the sampled map into
 f_hat and builds the next scale's input; the decoder turns the final f_hat
 into images. The KV cache makes each step cost only the new scale's tokens.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from up.tokenizer import to_uint8
-from up.uncertainty import MEASURES, aggregate, token_uncertainty
+from up.uncertainty import ALL_MEASURES, aggregate, conditional_uncertainty, token_uncertainty
 
 
 def guidance_ratio(guidance: float, schedule: str, k: int, num_scales: int) -> float:
@@ -51,8 +53,8 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 @torch.no_grad()
-def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float = 0.0,
-           guidance_schedule: str = "linear", top_k: int = 0, top_p: float = 1.0,
+def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
+           guidance_schedule: str, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, scale_temperatures: torch.Tensor | None = None,
            generator: torch.Generator,
            code_to_cluster: torch.Tensor, num_clusters: int, kappa: float = 1.0,
@@ -66,8 +68,14 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float = 0.0,
     with guidance = 0 (or no conditional label) the null branch is skipped. The
     sampled indices feed both halves, as in VAR.
 
+    Also recorded: the conditional distribution's entropy and the sampled
+    token's surprisal (``cond_entropy``, ``surprisal``), from the cond half of
+    the logits divided by the scale's temperature only (the run's calibrated
+    prediction; the sampling ``temperature`` and guidance are sampling choices).
+
     Returns (images uint8 (B, C, H, W), indices [(B, p_k, p_k)] * K,
-    uncertainty dict(maps, image, per_scale) in the samples.pt format).
+    uncertainty dict(maps, image, per_scale) in the samples.pt format, one entry
+    per measure of ``ALL_MEASURES``).
     ``generator`` lives on the model's device. ``use_cache=False`` re-runs the
     full forward on the growing prefix: it exists for the equivalence test and
     the benchmark.
@@ -85,7 +93,7 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float = 0.0,
     side = tokenizer.latent_side
     f_hat = torch.zeros(B, tokenizer.latent_channels, side, side, device=device)
     x_k, prefix = None, []
-    indices, maps = [], {m: [] for m in MEASURES}
+    indices, maps = [], {m: [] for m in ALL_MEASURES}
     var.enable_kv_cache(use_cache)
     try:
         for k, pn in enumerate(patch_nums):
@@ -97,15 +105,18 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float = 0.0,
                 begin, end = var.begin_ends[k]
                 logits = var(model_labels, var_input)[:, begin:end]
             logits = logits.float()
+            t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
+            cond = logits[:B] / t_k
             if guided:
                 t = guidance_ratio(guidance, guidance_schedule, k, len(patch_nums))
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
             logits = logits / (temperature * t_k)
             for name, value in token_uncertainty(logits, code_to_cluster, num_clusters,
                                                  kappa).items():
                 maps[name].append(value.view(B, pn, pn).cpu())
             idx = sample_tokens(filter_logits(logits, top_k, top_p), generator).view(B, pn, pn)
+            for name, value in conditional_uncertainty(cond, idx).items():
+                maps[name].append(value.view(B, pn, pn).cpu())
             indices.append(idx)
             f_hat, x_k = tokenizer.next_var_input(k, f_hat, idx)
             if x_k is not None:

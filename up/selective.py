@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+from scipy.stats import rankdata
 
 Metric = Callable[[torch.Tensor], dict[str, float | None]]
 
@@ -79,3 +81,373 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     if not conditioned.any():
         return None
     return (logits[conditioned].argmax(1) == labels[conditioned]).double().mean().item()
+
+
+# -- per-sample quality ---------------------------------------------------------
+
+def _kth_neighbour_radius(features: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+    """Distance of every row to its k-th nearest other row (self excluded)."""
+    if len(features) <= k:
+        raise ValueError(f"the k-NN radius needs more than k={k} real images, got {len(features)}")
+    out = []
+    for start in range(0, len(features), chunk):
+        d = torch.cdist(features[start:start + chunk], features)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # the first is the row itself (0)
+    return torch.cat(out)
+
+
+def realism_score(gen: torch.Tensor, gen_classes: torch.Tensor, real: torch.Tensor,
+                  real_classes: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+    """Realism score (Kynkäänniemi et al. 2019) of every generated feature against the
+    real features of its class: max_r radius_k(r) / ||f - r|| over the real r of the
+    class, radius_k(r) the distance from r to its k-th nearest real neighbour of the
+    class. >= 1 iff f lies inside some real sample's k-NN ball (the precision
+    criterion); a class without more than k real images raises."""
+    gen, real = gen.double(), real.double()
+    out = torch.empty(len(gen), dtype=torch.float64)
+    for cls in torch.unique(gen_classes).tolist():
+        members = real[real_classes == cls]
+        radius = _kth_neighbour_radius(members, k)
+        where = torch.nonzero(gen_classes == cls).flatten()
+        for start in range(0, len(where), chunk):
+            idx = where[start:start + chunk]
+            d = torch.cdist(gen[idx], members).clamp_min(1e-12)
+            out[idx] = (radius[None] / d).max(1).values
+    return out
+
+
+def density_coverage(gen: torch.Tensor, real: torch.Tensor, k: int, chunk: int = 512
+                     ) -> dict[str, float]:
+    """Density and coverage (Naeem et al. 2020) with k-NN balls around the real
+    features: density = sum over generated f of the number of real balls holding f,
+    over k * N_gen (1 on average for samples drawn like the real set, above 1 where
+    samples crowd dense regions); coverage = fraction of real balls that hold at least
+    one generated sample (a diversity figure that outliers cannot inflate)."""
+    gen, real = gen.double(), real.double()
+    radius = _kth_neighbour_radius(real, k, chunk)
+    inside_count, covered = 0, torch.zeros(len(real), dtype=torch.bool)
+    for start in range(0, len(gen), chunk):
+        inside = torch.cdist(gen[start:start + chunk], real) <= radius[None]
+        inside_count += int(inside.sum())
+        covered |= inside.any(0)
+    return {"density": inside_count / (k * len(gen)), "coverage": covered.double().mean().item()}
+
+
+def evaluator_log_p(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """log p(class | x) of the evaluator, per image."""
+    return torch.log_softmax(logits.double(), 1).gather(1, classes[:, None]).squeeze(1)
+
+
+def on_class_diversity(features: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor
+                       ) -> float | None:
+    """class_diversity over the images the evaluator assigns to their class only: a
+    model that draws more wrong digits does not look more diverse. None when no class
+    keeps two such images."""
+    correct = logits.argmax(1) == classes
+    try:
+        return class_diversity(features[correct], classes[correct])
+    except ValueError:
+        return None
+
+
+# -- within-class selection ------------------------------------------------------
+
+def stratified_keep(scores: torch.Tensor, classes: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the kept_count(n_c, fraction) lowest-score images of every class
+    (ties: lower index first), sorted: every class keeps the same fraction."""
+    kept = []
+    for cls in torch.unique(classes).tolist():
+        where = torch.nonzero(classes == cls).flatten()
+        kept.append(where[most_certain(scores[where], fraction)])
+    return torch.cat(kept).sort().values
+
+
+def stratified_random(classes: torch.Tensor, fraction: float, generator: torch.Generator
+                      ) -> torch.Tensor:
+    """The same per-class counts as stratified_keep, drawn at random within each class."""
+    return stratified_keep(torch.rand(len(classes), generator=generator, dtype=torch.float64),
+                           classes, fraction)
+
+
+def stratified_curves(scores: dict[str, torch.Tensor], classes: torch.Tensor,
+                      fractions: Sequence[float], metric: Metric, random_repeats: int, seed: int
+                      ) -> list[dict]:
+    """selective_curves with within-class selection: each score keeps its most certain
+    ``fraction`` of every class; 'random' rows average ``random_repeats`` stratified
+    random subsets of the same per-class counts. A kept set met before (every score at
+    fraction 1) is not scored again."""
+    cache: dict[bytes, dict] = {}
+
+    def scored(kept: torch.Tensor) -> dict:
+        key = kept.numpy().tobytes()
+        if key not in cache:
+            cache[key] = metric(kept)
+        return cache[key]
+
+    rows = []
+    for name, values in scores.items():
+        for fraction in fractions:
+            kept = stratified_keep(values, classes, fraction)
+            rows.append({"score": name, "fraction": fraction, "kept": len(kept), "repeats": 1,
+                         **scored(kept)})
+    gen = torch.Generator().manual_seed(seed)
+    for fraction in fractions:
+        draws = [stratified_random(classes, fraction, gen) for _ in range(random_repeats)]
+        results = [scored(kept) for kept in draws]
+        rows.append({"score": "random", "fraction": fraction, "kept": len(draws[0]),
+                     "repeats": random_repeats,
+                     **{key: _mean([r[key] for r in results]) for key in results[0]}})
+    return rows
+
+
+# -- within-class statistics with a stratified bootstrap -------------------------------
+#
+# Every statistic is computed on "groups": integer arrays (B, C, n) of image indices, one
+# row of C classes of n images per bootstrap draw (classes of equal size share a group).
+# The point estimate is the single draw that takes every image once; a bootstrap draw
+# resamples each class with replacement, so every class keeps its size.
+
+def _class_groups(classes: np.ndarray) -> list[np.ndarray]:
+    """The classes' image indices, as (C_g, n_g) arrays of classes of equal size n_g."""
+    by_size: dict[int, list[np.ndarray]] = {}
+    for cls in np.unique(classes):
+        where = np.flatnonzero(classes == cls)
+        by_size.setdefault(len(where), []).append(where)
+    return [np.stack(members) for _, members in sorted(by_size.items())]
+
+
+def _kept_counts(n: int, coverages: np.ndarray) -> np.ndarray:
+    """kept_count(n, c) for every coverage c (round half to even, as Python's round)."""
+    return np.clip(np.round(coverages * n).astype(np.int64), 1, n)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based) along the last axis: ties share their mean rank."""
+    return rankdata(values, axis=-1)
+
+
+def within_class_auroc(score, failed, classes) -> float:
+    """Point estimate of the within-class AUROC through scikit-learn: per class
+    roc_auc_score, weighted by the class's number of (failed, good) pairs."""
+    from sklearn.metrics import roc_auc_score
+
+    score, failed, classes = (np.asarray(x) for x in (score, failed, classes))
+    total, pairs = 0.0, 0
+    for cls in np.unique(classes):
+        f, s = failed[classes == cls].astype(bool), score[classes == cls]
+        n_pairs = int(f.sum()) * int((~f).sum())
+        if n_pairs:
+            total += roc_auc_score(f, s) * n_pairs
+            pairs += n_pairs
+    return total / pairs if pairs else float("nan")
+
+
+def within_class_spearman(a, b, classes) -> float:
+    """Point estimate through scipy: the mean over classes of spearmanr(a, b) within the
+    class, classes where either is constant left out."""
+    from scipy.stats import spearmanr
+
+    a, b, classes = (np.asarray(x) for x in (a, b, classes))
+    rhos = []
+    for cls in np.unique(classes):
+        x, y = a[classes == cls], b[classes == cls]
+        if len(x) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            rhos.append(float(spearmanr(x, y).statistic))
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
+def aurc(score, loss, classes) -> dict[str, float]:
+    """Area under the within-class risk-coverage curve of ``score`` (the mean of the
+    risk over the coverages m / n_max, m = 1..n_max: with one class, the mean over k of
+    the mean loss of the k lowest-score images), and of the oracle and random controls."""
+    score, loss, classes = (np.asarray(x, dtype=np.float64) for x in (score, loss, classes))
+    groups = _class_groups(classes)
+    curves = _draw_stats({"s": score}, None, {"r": loss}, {}, [g[None] for g in groups],
+                         coverage_grid(groups))
+    return {"score": float(curves["s", "curve", "r"].mean()),
+            "random": float(curves["random", "curve", "r"].mean()),
+            "oracle": float(curves["oracle", "curve", "r"].mean())}
+
+
+def coverage_grid(groups: list[np.ndarray]) -> np.ndarray:
+    """m / n_max, m = 1..n_max (n_max the largest class): with classes of equal size,
+    every class keeps exactly m images at coverage m / n."""
+    n = max(g.shape[-1] for g in groups)
+    return np.arange(1, n + 1) / n
+
+
+def _centred_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r = _ranks(values)
+    r = r - r.mean(-1, keepdims=True)
+    return r, np.sqrt((r * r).sum(-1))
+
+
+def _draw_stats(scores: dict[str, np.ndarray], failed: np.ndarray | None,
+                risks: dict[str, np.ndarray], qualities: dict[str, np.ndarray],
+                draws: list[np.ndarray], coverages: np.ndarray) -> dict[tuple, np.ndarray]:
+    """All within-class statistics of every score for the draws (B, C, n) of each group:
+    (score, 'curve', risk) the mean loss of the kept images at every coverage when each
+    class keeps its kept_count(n_c, c) lowest-score images, (B, M), with ('oracle',
+    'curve', risk) (ranked by the loss itself) and ('random', 'curve', risk) (the
+    expectation of a uniformly random choice within each class); (score, 'auroc') the
+    probability that a failed image scores higher than a good image of the same class
+    (ties count half), pooled over the classes' pairs, (B,); (score, 'spearman', q) the
+    mean over classes of the within-class Spearman correlation with quality q (classes
+    where either is constant left out), (B,). NaN where undefined."""
+    acc: dict[tuple, np.ndarray | float] = {}
+
+    def add(key, value):
+        acc[key] = acc.get(key, 0.0) + value
+
+    for idx in draws:
+        n = idx.shape[-1]
+        counts = _kept_counts(n, coverages)
+        add(("kept",), idx.shape[1] * counts)
+        losses = {r: v[idx] for r, v in risks.items()}
+        for r, los in losses.items():
+            add(("oracle", r), np.cumsum(np.sort(los, -1), -1)[..., counts - 1].sum(1))
+            add(("random", r), los.mean(-1).sum(1)[:, None] * counts[None])
+        q_ranks = {q: _centred_ranks(v[idx]) for q, v in qualities.items()}
+        if failed is not None:
+            f = failed[idx].astype(np.float64)
+            n_fail = f.sum(-1)
+            add(("pairs",), (n_fail * (n - n_fail)).sum(-1))
+        for name, values in scores.items():
+            v = values[idx]
+            order = np.argsort(v, axis=-1, kind="stable")
+            for r, los in losses.items():
+                ranked = np.cumsum(np.take_along_axis(los, order, -1), -1)
+                add((name, r), ranked[..., counts - 1].sum(1))
+            if failed is None and not q_ranks:
+                continue
+            rank = _ranks(v)
+            if failed is not None:
+                add((name, "u"), ((rank * f).sum(-1) - n_fail * (n_fail + 1) / 2).sum(-1))
+            rc = rank - rank.mean(-1, keepdims=True)
+            norm_s = np.sqrt((rc * rc).sum(-1))
+            for q, (rq, norm_q) in q_ranks.items():
+                norm = norm_s * norm_q
+                valid = norm > 0
+                rho = (rc * rq).sum(-1) / np.where(valid, norm, 1.0)
+                add((name, "rho", q), np.where(valid, rho, 0.0).sum(-1))
+                add((name, "valid", q), valid.sum(-1))
+
+    out: dict[tuple, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for r in risks:
+            for name in [*scores, "oracle", "random"]:
+                out[name, "curve", r] = acc[name, r] / acc["kept",]
+        for name in scores:
+            if failed is not None:
+                pairs = acc["pairs",]
+                out[name, "auroc"] = np.where(pairs > 0, acc[name, "u"] / np.maximum(pairs, 1),
+                                              np.nan)
+            for q in qualities:
+                valid = acc[name, "valid", q]
+                out[name, "spearman", q] = np.where(valid > 0,
+                                                    acc[name, "rho", q] / np.maximum(valid, 1),
+                                                    np.nan)
+    return out
+
+
+def _interval(values: np.ndarray) -> tuple[float | None, float | None]:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None, None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
+                         failed: torch.Tensor, risks: dict[str, torch.Tensor],
+                         qualities: dict[str, torch.Tensor], repeats: int, seed: int,
+                         chunk_elements: int = 5_000_000) -> tuple[list[dict], list[dict]]:
+    """Within-class selective-generation statistics of every uncertainty score, with
+    stratified bootstrap 95 % intervals (percentile; ``repeats`` draws shared by all
+    scores, so they are paired).
+
+    Per score: ``auroc`` (failed images, within class), per risk r (a per-image loss,
+    lower is better): ``aurc_r`` and its random and oracle controls, ``aurc_gain_r`` =
+    (random - score) / (random - oracle) (0: no better than random, 1: the oracle);
+    per quality q (higher is better): ``spearman_q`` (within class; negative when
+    uncertain images are worse). Each with ``_lo`` and ``_hi``.
+
+    Returns (one row per score, risk-coverage rows {score, risk, coverage, value} with
+    'random' and 'oracle' as scores)."""
+    cls = classes.numpy()
+    groups = _class_groups(cls)
+    coverages = coverage_grid(groups)
+    fail = failed.numpy().astype(bool)
+    risk_np = {r: v.double().numpy() for r, v in risks.items()}
+    qual_np = {q: v.double().numpy() for q, v in qualities.items()}
+    score_np = {s: v.double().numpy() for s, v in scores.items()}
+
+    def stats(draws: list[np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+        raw = _draw_stats(score_np, fail, risk_np, qual_np, draws, coverages)
+        out = {}
+        for sc in score_np:
+            out[sc, "auroc"] = raw[sc, "auroc"]
+            for r in risk_np:
+                area = {name: raw[key, "curve", r].mean(-1)
+                        for name, key in (("score", sc), ("random", "random"), ("oracle", "oracle"))}
+                out[sc, f"aurc_{r}"] = area["score"]
+                out[sc, f"aurc_{r}_random"] = area["random"]
+                out[sc, f"aurc_{r}_oracle"] = area["oracle"]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[sc, f"aurc_gain_{r}"] = ((area["random"] - area["score"])
+                                                 / (area["random"] - area["oracle"]))
+                out[sc, f"curve_{r}"] = {"score": raw[sc, "curve", r],
+                                         "random": raw["random", "curve", r],
+                                         "oracle": raw["oracle", "curve", r]}
+            for q in qual_np:
+                out[sc, f"spearman_{q}"] = raw[sc, "spearman", q]
+        return out
+
+    point = stats([g[None] for g in groups])
+    rng = np.random.default_rng(seed)
+    per_draw = max(1, chunk_elements // max(len(cls), 1))
+    boot: dict[tuple[str, str], list[np.ndarray]] = {}
+    for start in range(0, repeats, per_draw):
+        b = min(per_draw, repeats - start)
+        draws = [np.take_along_axis(g[None].repeat(b, 0),
+                                    rng.integers(0, g.shape[1], (b, *g.shape)), -1)
+                 for g in groups]
+        for key, value in stats(draws).items():
+            if not key[1].startswith("curve_"):
+                boot.setdefault(key, []).append(value)
+
+    rows = []
+    for s in score_np:
+        row: dict = {"score": s}
+        for (name, stat), value in point.items():
+            if name != s or stat.startswith("curve_"):
+                continue
+            row[stat] = _finite(value[0])
+            if not stat.endswith(("_random", "_oracle")):
+                row[f"{stat}_lo"], row[f"{stat}_hi"] = _interval(np.concatenate(boot[s, stat]))
+        rows.append(row)
+    curve_rows = []
+    first = next(iter(score_np))
+    for r in risk_np:
+        curves = {s: point[s, f"curve_{r}"]["score"][0] for s in score_np}
+        curves["random"] = point[first, f"curve_{r}"]["random"][0]
+        curves["oracle"] = point[first, f"curve_{r}"]["oracle"][0]
+        for s, curve in curves.items():
+            curve_rows += [{"score": s, "risk": r, "coverage": float(c), "value": float(v)}
+                           for c, v in zip(coverages, curve, strict=True)]
+    return rows, curve_rows
+
+
+def score_correlations(scores: dict[str, torch.Tensor], classes: torch.Tensor) -> dict:
+    """Within-class Spearman correlation (mean over classes) of every pair of scores
+    (None where a score is constant within every class)."""
+    names = list(scores)
+    groups = [g[None] for g in _class_groups(classes.numpy())]
+    values = {s: v.double().numpy() for s, v in scores.items()}
+    matrix = [[_finite(_draw_stats({a: values[a]}, None, {}, {b: values[b]}, groups,
+                                   np.ones(1))[a, "spearman", b][0]) for b in names] for a in names]
+    return {"scores": names, "spearman": matrix}

@@ -413,7 +413,7 @@ def tokenize_images(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: in
     return torch.cat(rows)
 
 
-def load_tokenizer(path: str | Path = "models/tokenizer.pt",
+def load_tokenizer(path: str | Path,
                    device: torch.device | str = "cpu") -> MultiScaleVQVAE:
     """The trained tokenizer, in eval mode with frozen weights (it is never trained further)."""
     saved = load_torch(path, "tokenizer")
@@ -423,7 +423,7 @@ def load_tokenizer(path: str | Path = "models/tokenizer.pt",
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_code_clusters(path: str | Path = "models/tokenizer.pt") -> tuple[torch.Tensor, int]:
+def load_code_clusters(path: str | Path) -> tuple[torch.Tensor, int]:
     """(code_to_cluster int64 (V,), num_clusters): the codebook's semantic groups."""
     saved = load_torch(path, "tokenizer")
     return saved["code_to_cluster"].long(), int(saved["num_clusters"])

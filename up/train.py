@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from up import paths
 from up.calibration import CalibrationMeter
 from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.config import Params
@@ -290,8 +291,8 @@ class RunPaths:
     """Where a training run reads its inputs; the stage decides."""
 
     checkpoint: Path
-    tokens: Path = Path("data/tokens")
-    tokenizer: Path = Path("models/tokenizer.pt")
+    tokens: Path = paths.TOKENS
+    tokenizer: Path = paths.TOKENIZER
     teacher: Path | None = None  # the teacher model (reference: teacher, loss: ts)
     reference: Path | None = None  # the empirical reference table (reference: empirical)
 

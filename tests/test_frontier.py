@@ -1,0 +1,189 @@
+"""Comparing at equal quality: matched-quality interpolation, a guidance toy, the cached stages."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.project import TINY, copy_project, run
+from up.fidelity import FidelityConfig, SubsetQuality
+from up.frontier import (
+    common_range,
+    curve,
+    markdown,
+    match_level,
+    monotone_increasing,
+    summarize,
+    value_at,
+)
+from up.sampling import sample
+
+# -- the maths, by hand -----------------------------------------------------------
+
+
+def test_monotone_fit_pools_adjacent_violators():
+    assert monotone_increasing([0.2, 0.4, 0.8]).tolist() == [0.2, 0.4, 0.8]
+    assert np.allclose(monotone_increasing([0.2, 0.5, 0.4, 0.8]), [0.2, 0.45, 0.45, 0.8])
+    assert np.allclose(monotone_increasing([0.9, 0.6, 0.3]), [0.6, 0.6, 0.6])
+
+
+def test_value_at_matched_quality_by_hand():
+    q, r = np.array([0.2, 0.4, 0.8]), np.array([0.6, 0.5, 0.1])
+    assert value_at(q, r, 0.6) == pytest.approx(0.3)  # halfway from (0.4, 0.5) to (0.8, 0.1)
+    assert value_at(q, r, 0.3) == pytest.approx(0.55)
+    assert value_at(q, r, 0.4) == pytest.approx(0.5)  # on a point
+    assert value_at(q, r, 0.2) == pytest.approx(0.6) and value_at(q, r, 0.8) == pytest.approx(0.1)
+    assert value_at(q, r, 0.1) is None and value_at(q, r, 0.81) is None  # no extrapolation
+
+
+def test_value_at_on_a_non_monotone_curve_by_hand():
+    """Precision dips at the third guidance value: fitted 0.2, 0.45, 0.45, 0.8; at 0.6 the
+    recall is 3/7 of the way from the third point (0.45) to the fourth (0.1): 0.3. At the
+    plateau's own level, the mean of its recalls."""
+    rows = [{"guidance": g, "precision": p, "recall": r}
+            for g, p, r in [(3.0, 0.8, 0.1), (0.5, 0.2, 0.6), (1.0, 0.5, 0.5), (2.0, 0.4, 0.45)]]
+    q, r = curve(rows, "precision", "recall")  # sorted by guidance
+    assert np.allclose(q, [0.2, 0.45, 0.45, 0.8]) and r.tolist() == [0.6, 0.5, 0.45, 0.1]
+    assert value_at(q, r, 0.6) == pytest.approx(0.3)
+    assert value_at(q, r, 0.45) == pytest.approx(0.475)
+
+
+def test_match_level_is_the_midpoint_of_the_common_range():
+    assert common_range([(0.2, 0.8), (0.4, 0.9), (0.1, 0.6)]) == (0.4, 0.6)
+    assert match_level([(0.2, 0.8), (0.4, 0.9), (0.1, 0.6)])["level"] == pytest.approx(0.5)
+    assert match_level([(0.2, 0.3), (0.4, 0.9)])["level"] is None  # no overlap
+    assert match_level([(0.2, 0.3), (0.4, 0.9)], fixed=0.5)["level"] == 0.5
+
+
+def _sweep(variant, seed, points):
+    return {"variant": variant, "seed": seed, "feature_extractor": "evaluator",
+            "rows": [{"guidance": g, "precision": p, "recall": r, "class_accuracy": a,
+                      "diversity": d, "fid": f, "n_samples": 100} for g, p, r, a, d, f in points]}
+
+
+def test_summarize_pairs_seeds_with_the_baselines_by_hand():
+    """Two variants, two seeds. Precision ranges: ce s0 0.2-0.8, s1 0.3-0.9; up s0 0.4-0.8,
+    s1 0.2-0.6 -> common 0.4-0.6, level 0.5. Recall at 0.5: ce s0 0.45, s1 0.4 (linear
+    halfway / on a point), up s0 0.5, s1 0.55 -> paired up - ce: +0.05, +0.15."""
+    ce0 = _sweep("ce", 0, [(1, 0.2, 0.6, 0.8, 1.0, 5), (2, 0.8, 0.3, 1.0, 0.5, 4)])
+    ce1 = _sweep("ce", 1, [(1, 0.3, 0.5, 0.8, 1.0, 5), (2, 0.5, 0.4, 0.9, 0.8, 4),
+                           (3, 0.9, 0.2, 1.0, 0.4, 3)])
+    up0 = _sweep("up", 0, [(1, 0.4, 0.6, 0.8, 1.2, 5), (2, 0.8, 0.2, 1.0, 0.6, 4)])
+    up1 = _sweep("up", 1, [(1, 0.2, 0.7, 0.8, 1.2, 5), (2, 0.6, 0.5, 1.0, 0.6, 4)])
+    summary = summarize({"ce": {0: ce0, 1: ce1}, "up": {0: up0, 1: up1}}, ["ce", "ce+ts"])
+    assert summary["levels"]["precision"]["level"] == pytest.approx(0.5)
+    assert summary["variants"]["ce"]["recall_at_precision"]["values"] == pytest.approx([0.45, 0.4])
+    assert summary["variants"]["up"]["recall_at_precision"]["values"] == pytest.approx([0.5, 0.55])
+    assert summary["variants"]["up"]["recall_at_precision"]["mean"] == pytest.approx(0.525)
+    diff = summary["paired"]["ce"]["up"]["recall_at_precision"]
+    assert diff["mean"] == pytest.approx(0.1) and diff["seeds"] == [0, 1]
+    half = 12.706 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+    assert diff["low"] == pytest.approx(0.1 - half, abs=1e-3)
+    assert list(summary["paired"]) == ["ce"]  # ce+ts absent: no table for it
+    # class accuracy: every run spans 0.8-1.0, level 0.9; diversity there: ce s0 halfway
+    # between 1.0 and 0.5, s1 on its middle point
+    assert summary["levels"]["class_accuracy"]["level"] == pytest.approx(0.9)
+    assert summary["variants"]["ce"]["diversity_at_class_accuracy"]["values"] == pytest.approx([0.75, 0.8])
+    table = markdown(summary)
+    assert "recall @ precision 0.5" in table and "Paired with `ce`" in table
+
+
+# -- guidance on a toy model: precision up, recall down ------------------------------------
+
+GRID = 24  # tokens: the cells of a GRID x GRID grid over [-3, 3]^2 (one token = one "image")
+CELL = 6.0 / GRID
+CENTRES = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij"), -1
+                      ).reshape(-1, 2).double() * CELL - 3.0 + CELL / 2
+MEANS = torch.tensor([[-1.5, 0.0], [1.5, 0.0]], dtype=torch.float64)
+SIGMA, MODEL_T = 0.45, 4.0  # the truth's spread; the model is under-confident (T = 4)
+UNCOND_SIGMA = 2.0  # the unconditional prediction: one broad bump over both classes
+
+
+def true_log_p() -> torch.Tensor:
+    """log p(token | class) of the truth: a discretised Gaussian per class (classes, V)."""
+    logits = -(CENTRES[None] - MEANS[:, None]).pow(2).sum(-1) / (2 * SIGMA ** 2)
+    return logits.log_softmax(-1)
+
+
+class ToyVAR:
+    """One scale of one token: conditional logits log p(x|c) / T (too wide), unconditional
+    a broad Gaussian around the origin; the real sampler mixes them. Guidance sharpens each
+    class towards (and a little beyond) its mean: samples move inside the real data
+    (precision up) and stop covering its spread (recall down)."""
+
+    patch_nums = (1,)
+    num_classes = 2
+
+    def __init__(self):
+        self.scale_ids = torch.zeros(1)
+        cond = (true_log_p() / MODEL_T).log_softmax(-1)
+        uncond = (-CENTRES.pow(2).sum(-1) / (2 * UNCOND_SIGMA ** 2)).log_softmax(-1)
+        self.logits = torch.cat((cond, uncond[None])).float()
+
+    def enable_kv_cache(self, enabled):
+        pass
+
+    def forward_scale(self, k, labels, x_k):
+        return self.logits[labels][:, None]
+
+
+class ToyTokenizer:
+    latent_side, latent_channels = 1, 2
+
+    def next_var_input(self, k, f_hat, idx):
+        return f_hat + CENTRES[idx.flatten()].float().view(-1, 2, 1, 1), None
+
+    def fhat_to_image(self, f_hat):
+        return f_hat / 3
+
+
+def jittered(tokens: torch.Tensor, seed: int) -> torch.Tensor:
+    """Continuous features: the cell centre plus a uniform draw inside the cell (no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    return CENTRES[tokens] + (torch.rand(len(tokens), 2, generator=g, dtype=torch.float64) - 0.5) * CELL
+
+
+def test_guidance_moves_precision_up_and_recall_down():
+    n = 300
+    labels = torch.arange(2).repeat_interleave(n)
+    g = torch.Generator().manual_seed(0)
+    real_tokens = torch.cat([torch.multinomial(true_log_p()[c].exp(), n, replacement=True, generator=g)
+                             for c in range(2)])
+    quality = SubsetQuality(jittered(real_tokens, 1), FidelityConfig(pr_neighborhood=3))
+    precision, recall = [], []
+    for guidance in [0.0, 1.0, 3.0, 8.0]:
+        _, indices, _ = sample(ToyVAR(), ToyTokenizer(), labels, guidance=guidance,
+                               guidance_schedule="constant", generator=torch.Generator().manual_seed(0),
+                               code_to_cluster=torch.arange(GRID * GRID) % 4, num_clusters=4)
+        row = quality(jittered(indices[0].flatten(), 2))
+        precision.append(row["precision"])
+        recall.append(row["recall"])
+    assert all(b >= a for a, b in zip(precision[:-1], precision[1:], strict=True)), precision
+    assert all(b <= a for a, b in zip(recall[:-1], recall[1:], strict=True)), recall
+    assert precision[-1] - precision[0] > 0.1 and recall[0] - recall[-1] > 0.1, (precision, recall)
+
+
+# -- the stages: sweep files, frontier outputs, cached ----------------------------------------
+
+@pytest.mark.slow  # the tiny pipeline up to frontier: ~140 s on 2 shared cores
+def test_sweep_and_frontier_stages_are_cached(tmp_path):
+    project = copy_project(tmp_path / "p", {**TINY, "sweep": {"guidance": [0.5, 3.0], "n_per_class": 4}})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["variants"] = {"ce": {"loss": "ce"}}  # the teacher and its ts version only
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "frontier"], project)
+    for name in ("ce", "ce+ts"):
+        sweep = json.loads((project / f"metrics/sweep-{name}-s0.json").read_text())
+        assert [r["guidance"] for r in sweep["rows"]] == [0.5, 3.0]
+        assert {r["n_samples"] for r in sweep["rows"]} == {40} and sweep["seed"] == 0
+        for key in ("fid", "precision", "recall", "class_accuracy"):
+            assert all(isinstance(r[key], float) for r in sweep["rows"]), key
+    summary = json.loads((project / "results/frontier.json").read_text())
+    assert list(summary["variants"]) == ["ce", "ce+ts"] and list(summary["paired"]) == ["ce", "ce+ts"]
+    assert (project / "results/frontier.png").stat().st_size > 0
+    assert "matched" in (project / "results/frontier.md").read_text()
+    again = run(["dvc", "repro", "frontier"], project).stdout
+    assert "Running stage" not in again, again
