@@ -8,7 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+
+from up.config import Params
+from up.io import save_torch
+from up.runtime import setup
+from up.tokenizer import MultiScaleVQVAE
+from up.train import RunPaths, build_run, finish, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,3 +76,56 @@ def copy_project(dest: Path, overrides: dict | None = None) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "test project"], dest)
     return dest
+
+
+# -- a tiny token project for the training-loop tests (no DVC) ---------------------
+
+PATCH_NUMS = [1, 2, 4]
+V, CLUSTERS, CLASSES = 16, 4, 3
+
+
+def make_project(root, n_train=40, n_val=12):
+    """A tiny tokenizer and token caches whose tokens depend on the class (learnable)."""
+    torch.manual_seed(123)
+    tok = MultiScaleVQVAE(in_channels=1, widths=[8], res_blocks=0, latent_channels=4,
+                          vocab_size=V, patch_nums=PATCH_NUMS, phi_share=2)
+    (root / "models").mkdir(exist_ok=True)
+    save_torch({"config": tok.config, "state_dict": tok.state_dict(),
+                "code_to_cluster": torch.arange(V) % CLUSTERS, "num_clusters": CLUSTERS},
+               root / "models" / "tokenizer.pt")
+    length = sum(p * p for p in PATCH_NUMS)
+    for split, n in (("train", n_train), ("val", n_val)):
+        labels = torch.arange(n) % CLASSES
+        noise = torch.randint(0, 3, (n, length))
+        indices = (labels[:, None] * 5 + torch.arange(length) + noise) % V
+        save_torch({"indices": indices.to(torch.uint8), "labels": labels,
+                    "classes": [str(c) for c in range(CLASSES)], "patch_nums": PATCH_NUMS},
+                   root / "data" / "tokens" / f"{split}.pt")
+    return root
+
+
+def tiny_params(train=None, up=None, transformer=None) -> dict:
+    return {
+        "seed": 0, "threads": 1, "device": "cpu", "data": {"source": "digits"},
+        "transformer": {"depth": 2, "width": 32, "heads": 2, **(transformer or {})},
+        "train": {"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "save_every": 2,
+                  "log_every": 2, "calib_fraction": 0.2, **(train or {})},
+        "variants": {"ce": {"loss": "ce"}, "ls": {"loss": "ls", "epsilon": 0.1},
+                     "up": {"loss": "up", "calib_every": 3, **(up or {})}},
+        "derived": {"ce+ts": {"loss": "ts"},
+                    "up_teacher": {"loss": "up", "reference": "teacher", "lambda_disp": 2.0}},
+    }
+
+
+def run_paths(root, checkpoint="ckpt.pt", teacher=None) -> RunPaths:
+    return RunPaths(root / checkpoint, root / "data" / "tokens", root / "models" / "tokenizer.pt",
+                    teacher=teacher)
+
+
+def train_tiny(root, params: dict, variant="ce", checkpoint="ckpt.pt", teacher=None):
+    """build_run + train + finish, as the train stage composes them."""
+    setup(0, 1)
+    paths = run_paths(root, checkpoint, teacher)
+    state = build_run(Params(**params), variant, 0, paths)
+    train(state, paths.checkpoint)
+    return finish(state, Params(**params))

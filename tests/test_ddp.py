@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_train import make_project, run, tiny_params
+from tests.project import make_project, tiny_params, train_tiny
 from up.io import load_torch
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -34,8 +34,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = load_torch(tmp_path / "models" / "var-ce-s0.pt")["state_dict"]
 
-    one = run(tmp_path, params, "ce", "single.pt").model["state_dict"]
-    init = run(tmp_path, tiny_params(train={"steps": 1, "lr": 1e-12}), "ce", "init.pt")
+    one = train_tiny(tmp_path, params, "ce", "single.pt").model["state_dict"]
+    init = train_tiny(tmp_path, tiny_params(train={"steps": 1, "lr": 1e-12}), "ce", "init.pt")
     moved = 0.0
     for name, value in one.items():
         assert torch.allclose(two[name], value, rtol=0, atol=2e-6), name

@@ -103,6 +103,16 @@ def _position_tables(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(scale), torch.cat(parent)
 
 
+def _merge_counts(parts: list[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique pair keys and their summed counts over several (keys, counts)."""
+    keys = torch.cat([k for k, _ in parts])
+    counts = torch.cat([n for _, n in parts])
+    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), dtype=torch.int64, device=keys.device)
+    return uniq, summed.index_add_(0, inverse, counts)
+
+
 class EmpiricalReference:
     """Sparse Dirichlet reference alpha_ref(c) = n(c, .) + a_0 / V (see module doc)."""
 
@@ -207,13 +217,6 @@ class EmpiricalReference:
         buffered: list[tuple[torch.Tensor, torch.Tensor]] = []
         buffered_size = 0
 
-        def merge(parts):
-            keys = torch.cat([k for k, _ in parts])
-            counts = torch.cat([n for _, n in parts])
-            uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-            summed = torch.zeros(uniq.numel(), dtype=torch.int64, device=keys.device)
-            return uniq, summed.index_add_(0, inverse, counts)
-
         for start in range(0, idx_all.shape[0], chunk):
             idx, lab = idx_all[start:start + chunk], lab_all[start:start + chunk]
             keys = ref._keys(idx, lab)
@@ -227,10 +230,10 @@ class EmpiricalReference:
             buffered.append((uniq, counts))
             buffered_size += uniq.numel()
             if buffered_size >= max(run_keys.numel(), _MERGE_MIN):
-                run_keys, run_counts = merge([(run_keys, run_counts)] + buffered)
+                run_keys, run_counts = _merge_counts([(run_keys, run_counts)] + buffered)
                 buffered, buffered_size = [], 0
         if buffered:
-            run_keys, run_counts = merge([(run_keys, run_counts)] + buffered)
+            run_keys, run_counts = _merge_counts([(run_keys, run_counts)] + buffered)
 
         ctx_of_pair = torch.div(run_keys, v, rounding_mode="floor")
         ctx_keys, per_ctx = torch.unique_consecutive(ctx_of_pair, return_counts=True)

@@ -52,21 +52,42 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def _branch_labels(labels: torch.Tensor, null: int, guidance: float
+                   ) -> tuple[torch.Tensor, bool]:
+    """(labels of the forward, guided): the conditional labels (null for -1), then
+    the null class for the guidance branch, which is skipped when guidance is 0
+    or no label is conditional."""
+    cond = torch.where(labels < 0, null, labels)
+    guided = guidance > 0 and bool((labels >= 0).any())
+    return (torch.cat((cond, torch.full_like(cond, null))) if guided else cond), guided
+
+
+def _scale_logits(var, k: int, labels: torch.Tensor, x_k: torch.Tensor | None,
+                  prefix: list[torch.Tensor], use_cache: bool, channels: int) -> torch.Tensor:
+    """float32 logits of scale k: one cached step, or (``use_cache=False``) the full
+    forward over the growing prefix, for the equivalence test and the benchmark."""
+    if use_cache:
+        return var.forward_scale(k, labels, x_k).float()
+    var_input = torch.cat(prefix, dim=1) if prefix else labels.new_zeros(
+        len(labels), 0, channels, dtype=torch.float32)
+    begin, end = var.begin_ends[k]
+    return var(labels, var_input)[:, begin:end].float()
+
+
 @torch.no_grad()
 def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
            guidance_schedule: str, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, scale_temperatures: torch.Tensor | None = None,
-           generator: torch.Generator,
-           code_to_cluster: torch.Tensor, num_clusters: int, kappa: float = 1.0,
+           generator: torch.Generator, code_to_cluster: torch.Tensor, num_clusters: int,
+           kappa: float = 1.0,
            use_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """Generate one image per label (-1 = unconditional).
 
     Guidance doubles the batch with the null class and samples from
     (1 + t) * cond - t * uncond (VAR's formula) divided by the temperature
-    (times the scale's temperature in ``scale_temperatures``, post-hoc
-    temperature scaling: dividing both branches by T_k divides their mix);
-    with guidance = 0 (or no conditional label) the null branch is skipped. The
-    sampled indices feed both halves, as in VAR.
+    times the scale's post-hoc temperature (``scale_temperatures``: dividing
+    both branches by T_k divides their mix); the sampled indices feed both
+    halves, as in VAR.
 
     Also recorded: the conditional distribution's entropy and the sampled
     token's surprisal (``cond_entropy``, ``surprisal``), from the cond half of
@@ -74,20 +95,13 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
     prediction; the sampling ``temperature`` and guidance are sampling choices).
 
     Returns (images uint8 (B, C, H, W), indices [(B, p_k, p_k)] * K,
-    uncertainty dict(maps, image, per_scale) in the samples.pt format, one entry
-    per measure of ``ALL_MEASURES``).
-    ``generator`` lives on the model's device. ``use_cache=False`` re-runs the
-    full forward on the growing prefix: it exists for the equivalence test and
-    the benchmark.
+    uncertainty dict(maps, image, per_scale) over ``ALL_MEASURES``, the
+    samples.pt format). ``generator`` lives on the model's device.
     """
     device = var.scale_ids.device
     labels = labels.to(device)
     B, patch_nums = labels.shape[0], var.patch_nums
-    null = var.num_classes
-    cond_labels = torch.where(labels < 0, null, labels)
-    guided = guidance > 0 and bool((labels >= 0).any())
-    model_labels = torch.cat((cond_labels, torch.full_like(cond_labels, null))) if guided \
-        else cond_labels
+    model_labels, guided = _branch_labels(labels, var.num_classes, guidance)
     code_to_cluster = code_to_cluster.to(device)
 
     side = tokenizer.latent_side
@@ -97,25 +111,18 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
     var.enable_kv_cache(use_cache)
     try:
         for k, pn in enumerate(patch_nums):
-            if use_cache:
-                logits = var.forward_scale(k, model_labels, x_k)
-            else:
-                var_input = torch.cat(prefix, dim=1) if prefix else f_hat.new_zeros(
-                    len(model_labels), 0, tokenizer.latent_channels)
-                begin, end = var.begin_ends[k]
-                logits = var(model_labels, var_input)[:, begin:end]
-            logits = logits.float()
+            logits = _scale_logits(var, k, model_labels, x_k, prefix, use_cache,
+                                   tokenizer.latent_channels)
             t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
             cond = logits[:B] / t_k
             if guided:
                 t = guidance_ratio(guidance, guidance_schedule, k, len(patch_nums))
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             logits = logits / (temperature * t_k)
-            for name, value in token_uncertainty(logits, code_to_cluster, num_clusters,
-                                                 kappa).items():
-                maps[name].append(value.view(B, pn, pn).cpu())
             idx = sample_tokens(filter_logits(logits, top_k, top_p), generator).view(B, pn, pn)
-            for name, value in conditional_uncertainty(cond, idx).items():
+            recorded = {**token_uncertainty(logits, code_to_cluster, num_clusters, kappa),
+                        **conditional_uncertainty(cond, idx)}
+            for name, value in recorded.items():
                 maps[name].append(value.view(B, pn, pn).cpu())
             indices.append(idx)
             f_hat, x_k = tokenizer.next_var_input(k, f_hat, idx)

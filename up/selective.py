@@ -332,13 +332,19 @@ def _draw_stats(scores: dict[str, np.ndarray], failed: np.ndarray | None,
                 add((name, "rho", q), np.where(valid, rho, 0.0).sum(-1))
                 add((name, "valid", q), valid.sum(-1))
 
+    return _stats_from_sums(acc, scores, risks, qualities, failed is not None)
+
+
+def _stats_from_sums(acc: dict, scores: dict, risks: dict, qualities: dict, has_failures: bool
+                     ) -> dict[tuple, np.ndarray]:
+    """The statistics of _draw_stats from its sums over classes (NaN where undefined)."""
     out: dict[tuple, np.ndarray] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for r in risks:
             for name in [*scores, "oracle", "random"]:
                 out[name, "curve", r] = acc[name, r] / acc["kept",]
         for name in scores:
-            if failed is not None:
+            if has_failures:
                 pairs = acc["pairs",]
                 out[name, "auroc"] = np.where(pairs > 0, acc[name, "u"] / np.maximum(pairs, 1),
                                               np.nan)
@@ -362,6 +368,30 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
+def _score_summaries(raw: dict, scores: list[str], risks: list[str], qualities: list[str]
+                     ) -> dict[tuple[str, str], np.ndarray]:
+    """Per score: AUROC, per risk the AURC with its random and oracle controls, the
+    AURC gain and the curves, per quality the Spearman correlation."""
+    out = {}
+    for sc in scores:
+        out[sc, "auroc"] = raw[sc, "auroc"]
+        for r in risks:
+            area = {name: raw[key, "curve", r].mean(-1)
+                    for name, key in (("score", sc), ("random", "random"), ("oracle", "oracle"))}
+            out[sc, f"aurc_{r}"] = area["score"]
+            out[sc, f"aurc_{r}_random"] = area["random"]
+            out[sc, f"aurc_{r}_oracle"] = area["oracle"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[sc, f"aurc_gain_{r}"] = ((area["random"] - area["score"])
+                                             / (area["random"] - area["oracle"]))
+            out[sc, f"curve_{r}"] = {"score": raw[sc, "curve", r],
+                                     "random": raw["random", "curve", r],
+                                     "oracle": raw["oracle", "curve", r]}
+        for q in qualities:
+            out[sc, f"spearman_{q}"] = raw[sc, "spearman", q]
+    return out
+
+
 def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
                          failed: torch.Tensor, risks: dict[str, torch.Tensor],
                          qualities: dict[str, torch.Tensor], repeats: int, seed: int,
@@ -379,33 +409,15 @@ def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
     Returns (one row per score, risk-coverage rows {score, risk, coverage, value} with
     'random' and 'oracle' as scores)."""
     cls = classes.numpy()
-    groups = _class_groups(cls)
+    groups, fail = _class_groups(cls), failed.numpy().astype(bool)
     coverages = coverage_grid(groups)
-    fail = failed.numpy().astype(bool)
     risk_np = {r: v.double().numpy() for r, v in risks.items()}
     qual_np = {q: v.double().numpy() for q, v in qualities.items()}
     score_np = {s: v.double().numpy() for s, v in scores.items()}
 
     def stats(draws: list[np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
         raw = _draw_stats(score_np, fail, risk_np, qual_np, draws, coverages)
-        out = {}
-        for sc in score_np:
-            out[sc, "auroc"] = raw[sc, "auroc"]
-            for r in risk_np:
-                area = {name: raw[key, "curve", r].mean(-1)
-                        for name, key in (("score", sc), ("random", "random"), ("oracle", "oracle"))}
-                out[sc, f"aurc_{r}"] = area["score"]
-                out[sc, f"aurc_{r}_random"] = area["random"]
-                out[sc, f"aurc_{r}_oracle"] = area["oracle"]
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    out[sc, f"aurc_gain_{r}"] = ((area["random"] - area["score"])
-                                                 / (area["random"] - area["oracle"]))
-                out[sc, f"curve_{r}"] = {"score": raw[sc, "curve", r],
-                                         "random": raw["random", "curve", r],
-                                         "oracle": raw["oracle", "curve", r]}
-            for q in qual_np:
-                out[sc, f"spearman_{q}"] = raw[sc, "spearman", q]
-        return out
+        return _score_summaries(raw, list(score_np), list(risk_np), list(qual_np))
 
     point = stats([g[None] for g in groups])
     rng = np.random.default_rng(seed)

@@ -66,6 +66,19 @@ def reseed_dead_codes(model: MultiScaleVQVAE, usage: torch.Tensor, residuals: to
     return int(dead.numel())
 
 
+def _resume(model: MultiScaleVQVAE, optimizer: torch.optim.Optimizer, checkpoint: str | Path,
+            fingerprint: dict[str, Any]) -> TrainState:
+    """The state of a checkpointed run of the same settings (weights and optimiser
+    restored in place), or a fresh one."""
+    saved = load_checkpoint(checkpoint, fingerprint)
+    if saved is None:
+        return TrainState(usage=torch.ones(model.vocab_size))
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return TrainState(step=saved["step"], usage=saved["usage"], curves=saved["curves"],
+                      wall_s=saved["wall_s"], reseeded=saved["reseeded"])
+
+
 def train_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, tp: TokenizerParams, seed: int,
                     checkpoint: str | Path, fingerprint: dict[str, Any],
                     device: torch.device | str = "cpu", stop_at: int | None = None) -> TrainState:
@@ -73,18 +86,11 @@ def train_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, tp: TokenizerP
 
     The data order and every random draw depend only on (seed, step) and the
     RNG state saved in the checkpoint, so a resumed run ends with the same
-    weights as an uninterrupted one. ``stop_at`` ends the run early after that
-    step (checkpointed), e.g. to split training over sessions.
+    weights as an uninterrupted one. ``stop_at`` ends (and checkpoints) early.
     """
     model.to(device, memory_format=torch.channels_last)  # faster small convs (oneDNN, cuDNN)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
-    state = TrainState(usage=torch.ones(model.vocab_size))
-    saved = load_checkpoint(checkpoint, fingerprint)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = TrainState(step=saved["step"], usage=saved["usage"], curves=saved["curves"],
-                           wall_s=saved["wall_s"], reseeded=saved["reseeded"])
+    state = _resume(model, optimizer, checkpoint, fingerprint)
     usage = state.usage.to(device)
     batches = StepBatches(len(images), tp.batch_size, seed)
     num_scales = len(model.patch_nums)
@@ -121,9 +127,7 @@ def train_tokenizer(model: MultiScaleVQVAE, images: torch.Tensor, tp: TokenizerP
         state.curves.append({
             "step": step, "loss": round(loss.item(), 6), "recon": round(recon.item(), 6),
             "vq": round(out.quantized.vq_loss.item(), 6), "partial": round(partial.item(), 6),
-            "partial_k": partial_k or 0, "lr": round(lr, 8),
-            "used": int((counts > 0).sum()),
-        })
+            "partial_k": partial_k or 0, "lr": round(lr, 8), "used": int((counts > 0).sum())})
         state.step = step + 1
         state.wall_s += time.perf_counter() - started
         loop.info = f"loss {loss.item():.4f} recon {recon.item():.4f}"

@@ -40,7 +40,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from up import paths
-from up.calibration import CalibrationMeter
 from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.config import Params
 from up.errors import StageError
@@ -158,10 +157,9 @@ class TokenScores:
 
 
 def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: int, bf16: bool,
-                 meter: CalibrationMeter | None = None,
                  temperatures: torch.Tensor | None = None) -> TokenScores:
-    """Cross-entropy and top-1 accuracy per scale; ``meter`` also gathers the
-    calibration statistics, batch by batch (no (N, L, V) tensor is kept)."""
+    """Cross-entropy and top-1 accuracy per scale, batch by batch (no (N, L, V)
+    tensor is kept)."""
     scale_ids = model.scale_ids
     k = len(model.patch_nums)
     scores = TokenScores(*(torch.zeros(k, dtype=torch.float64, device=scale_ids.device)
@@ -172,8 +170,6 @@ def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: i
         scores.ce.index_add_(0, scale_ids, ce.sum(0).double())
         scores.correct.index_add_(0, scale_ids, hits.sum(0).double())
         scores.count.index_add_(0, scale_ids, torch.full_like(scale_ids, len(targets)).double())
-        if meter is not None:
-            meter.update(logits, targets)
     return scores
 
 
@@ -549,19 +545,16 @@ def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def evaluate_tokens(model: VAR, data: TokenSplit, val: TokenSplit, fit_ids: torch.Tensor,
-                    batch_size: int, bf16: bool, ece_bins: int,
+                    batch_size: int, bf16: bool,
                     temperatures: torch.Tensor | None = None) -> dict[str, Any]:
-    """Val CE, accuracy and calibration on the whole val split, and the CE on as
-    many training images (over-fitting shows as the gap)."""
-    meter = CalibrationMeter(ece_bins)
-    val_scores = score_tokens(model, val, torch.arange(len(val)), batch_size, bf16, meter,
-                              temperatures)
-    calib = meter.compute()
+    """Val CE and accuracy (per scale) on the whole val split, and the CE on as many
+    training images: over-fitting shows as the gap. Calibration (ECE, NLL,
+    Brier, reliability) is the evaluate stage's, computed once there."""
+    val_scores = score_tokens(model, val, torch.arange(len(val)), batch_size, bf16, temperatures)
     train_ids = fit_ids[fixed_subset(len(fit_ids), min(len(val), len(fit_ids)))]
     train_summary = score_tokens(model, data, train_ids, batch_size, bf16,
-                                 temperatures=temperatures).summary(model.patch_nums)
-    return {"val": {**val_scores.summary(model.patch_nums), "ece": float(calib["ece"]),
-                    "nll": float(calib["nll"]), "brier": float(calib["brier"])},
+                                 temperatures).summary(model.patch_nums)
+    return {"val": val_scores.summary(model.patch_nums),
             "train": {"ce": train_summary["ce"], "ce_per_scale": train_summary["ce_per_scale"],
                       "images": len(train_ids)}}
 
@@ -575,7 +568,7 @@ def finish(run: Run, params: Params) -> TrainResult:
         "variant": run.name, "seed": run.seed, "steps": cfg.steps,
         "parameters": model.num_parameters(), "train_images": len(run.fit_ids),
         **evaluate_tokens(run.eval_model, run.data, run.val, run.fit_ids, cfg.batch_size,
-                          cfg.bf16, params.evaluate.ece_bins),
+                          cfg.bf16),
         "speed": {"steps_per_s": log.timed_steps / log.seconds,
                   "tokens_per_s": cfg.batch_size * model.seq_len * log.timed_steps / log.seconds,
                   "train_seconds": log.seconds},
@@ -608,8 +601,7 @@ def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> 
                                    TemperatureCalibrator(len(model.patch_nums))).float()
     metrics = {"variant": name, "seed": seed, "teacher": str(paths.teacher),
                "parameters": model.num_parameters(), "train_images": len(fit_ids),
-               **evaluate_tokens(model, data, val, fit_ids, cfg.batch_size, cfg.bf16,
-                                 params.evaluate.ece_bins, temps),
+               **evaluate_tokens(model, data, val, fit_ids, cfg.batch_size, cfg.bf16, temps),
                "logit_temperatures": {f"{p}x{p}": t for p, t in
                                       zip(model.patch_nums, temps.tolist(), strict=True)}}
     saved = {**saved, "variant": {"name": name, **params.variant(name).model_dump()},
