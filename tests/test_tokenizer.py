@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -339,3 +340,33 @@ def test_stages_train_tokenize_and_decode(tmp_path, monkeypatch):
             decoded = model.decode(split_indices(saved["indices"], saved["patch_nums"]))
             recon = model(to_float(imgs)).recon.clamp(-1, 1)
         torch.testing.assert_close(decoded, recon, atol=1e-5, rtol=0)
+
+
+def test_stage_takes_a_given_tokenizer_instead_of_training(tmp_path, monkeypatch):
+    """tokenizer.init_from (an imported VAR VQ-VAE, say): the stage keeps its weights
+    and code clusters, trains nothing, and refuses one whose sizes differ."""
+    import stages.tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    for split, n in (("train", 8), ("val", 4)):
+        save_torch({"images": tiny_images(n, 1), "labels": torch.arange(n) % 2,
+                    "classes": ["a", "b"]}, tmp_path / "data/prepared" / f"{split}.pt")
+    torch.manual_seed(5)
+    given = build_tokenizer(TINY, 1)
+    clusters = torch.arange(16) % 4
+    save_torch({"config": given.config, "state_dict": given.state_dict(),
+                "code_to_cluster": clusters, "num_clusters": 4}, tmp_path / "given.pt")
+    params = Params(data=DataParams(source="mnist5k", image_size=8), threads=1, seed=0,
+                    tokenizer=TINY.model_copy(update={"init_from": str(tmp_path / "given.pt")}))
+    setup(0, 1)
+    stages.tokenizer.run(params)
+    saved = load_torch(tmp_path / "models/tokenizer.pt")
+    for name, value in given.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
+    assert torch.equal(saved["code_to_cluster"], clusters)
+    metrics = json.loads((tmp_path / "metrics/tokenizer.json").read_text())
+    assert metrics["init_from"] == str(tmp_path / "given.pt") and "train_steps" not in metrics
+    wider = params.model_copy(update={"tokenizer": params.tokenizer.model_copy(
+        update={"vocab_size": 32, "semantic_clusters": 4})})
+    with pytest.raises(StageError, match="vocab_size: file 16 vs params 32"):
+        stages.tokenizer.run(wider)
