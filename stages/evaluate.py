@@ -24,13 +24,13 @@ from up.config import Params
 from up.errors import StageError
 from up.evaluator import evaluator_outputs, load_evaluator
 from up.fidelity import FidelityConfig, SubsetQuality, compute_quality, extract_features
-from up.io import load_torch, save_figure, save_json
-from up.report import (
+from up.figures import (
     correlation_figure,
     reliability_figure,
     risk_coverage_figure,
     selective_figure,
 )
+from up.io import load_torch, save_figure, save_json
 from up.runtime import resolve_device
 from up.selective import (
     class_accuracy,

@@ -7,18 +7,16 @@ from pathlib import Path
 
 from up.config import Params
 from up.errors import StageError
+from up.figures import grids_figure, reliability_figure, risk_coverage_figure
 from up.io import save_figure, save_json, save_text
 from up.report import (
     MAIN_COLUMNS,
     PAIRED_KEYS,
     SELECTIVE_KEYS,
     aggregate,
-    grids_figure,
     headline,
     markdown,
     paired_differences,
-    reliability_figure,
-    risk_coverage_figure,
 )
 
 OUT = Path("results")

@@ -1,4 +1,5 @@
-"""The comparison: one table over variants (rows) and metrics (columns), and figures.
+"""The comparison: one table over variants (rows) and metrics (columns), paired
+differences to the baselines, and the selective-generation tables (figures: up/figures.py).
 
 With several training seeds a cell is mean +- sample standard deviation over
 the seeds; the seeds and sample counts are printed beside the numbers, since
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
+
+from up.uncertainty import ALL_MEASURES, IMAGE_SCORES
 
 # (key in metrics/eval-*.json, column title); arrows say which direction is better.
 MAIN_COLUMNS = [
@@ -18,12 +20,9 @@ MAIN_COLUMNS = [
     ("coverage", "coverage ↑"), ("class_accuracy", "class acc ↑"),
     ("ece", "ECE ↓"), ("nll", "NLL ↓"), ("brier", "Brier ↓"), ("token_accuracy", "token acc"),
 ]
-# The per-image uncertainty scores (up.uncertainty.image_scores): the guided distribution's
-# measures and the conditional distribution's, each as the mean over all tokens and over
-# the finest scales (_fine); 'random' and 'oracle' are the controls.
-MEASURE_NAMES = ["entropy", "dispersion", "semantic_entropy", "cond_entropy", "surprisal"]
-SCORES = MEASURE_NAMES + [f"{m}_fine" for m in MEASURE_NAMES] + ["random"]
-RANKED = [s for s in SCORES if s != "random"]
+# The per-image uncertainty scores are up.uncertainty.IMAGE_SCORES (RANKED here); the
+# controls 'random' and 'oracle' are added per table.
+RANKED = IMAGE_SCORES
 # Selective generation tables: (title, explanation, [(key, column title)]).
 SELECTIVE_TABLES = [
     ("Within-class AUROC for failed samples ↑",
@@ -44,7 +43,7 @@ SELECTIVE_TABLES = [
      "FID of the most certain fraction of every class; `random`: stratified random subsets "
      "of the same per-class sizes; `oracle`: ranked by −log p(y | x). Lower than `random` "
      "means the score removes bad samples, but FID also penalises lost diversity.",
-     [(f"selective_fid_{s}", s) for s in MEASURE_NAMES]
+     [(f"selective_fid_{s}", s) for s in ALL_MEASURES]
      + [("selective_fid_random", "random"), ("selective_fid_oracle", "oracle")]),
 ]
 SELECTIVE_COLUMNS = [column for _, _, columns in SELECTIVE_TABLES for column in columns]
@@ -231,118 +230,3 @@ def selective_markdown(summary: dict[str, dict], selective_fraction: float) -> l
                                       metrics.get(f"{key}_hi")) for key, _ in columns]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def reliability_figure(curves: dict[str, list[dict]]):
-    """Reliability diagrams (top-1 confidence vs accuracy per bin), one line per label."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--", label="calibrated")
-    for label, bins in curves.items():
-        used = [b for b in bins if b["count"] > 0]
-        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o",
-                ms=3, label=label)
-    ax.set(xlabel="confidence (top-1)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title="reliability of token predictions (val)")
-    ax.legend(fontsize=7)
-    return fig
-
-
-def _score_axes(plt, n: int, sharey: bool = True):
-    cols = min(n, 5)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False,
-                             sharey=sharey)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return fig, axes.flat
-
-
-def selective_figure(curves: dict[str, list[dict]], metric: str = "fid"):
-    """Stratified subset ``metric`` against the kept fraction: one panel per uncertainty
-    score, one line per label; the stratified random control dashed and the oracle
-    dotted in every panel."""
-    plt = _pyplot()
-    present = {r["score"] for rows in curves.values() for r in rows}
-    scores = [s for s in RANKED if s in present]
-    fig, axes = _score_axes(plt, len(scores))
-    for ax, score in zip(axes, scores, strict=False):
-        for i, (label, rows) in enumerate(curves.items()):
-            color = f"C{i}"
-            for name, style in ((score, "-"), ("random", "--"), ("oracle", ":")):
-                picked = sorted((r["fraction"], r[metric]) for r in rows
-                                if r["score"] == name and r.get(metric) is not None)
-                if picked:
-                    xs, ys = zip(*picked, strict=True)
-                    ax.plot(xs, ys, style, color=color, marker="o", ms=3,
-                            label=label if name == score else f"{label} {name}")
-        ax.set_title(f"ranked by {score}", fontsize=8)
-        ax.set_xlabel("kept fraction per class", fontsize=7)
-        ax.invert_xaxis()
-    axes[0].set_ylabel(f"{metric} (stratified)")
-    axes[0].legend(fontsize=5)
-    return fig
-
-
-def risk_coverage_figure(curves: dict[str, list[dict]], risk: str = "failure"):
-    """Within-class risk-coverage curves (mean ``risk`` of the kept samples against the
-    kept fraction of every class): one panel per uncertainty score, one line per label,
-    with the random (dashed) and oracle (dotted) controls."""
-    plt = _pyplot()
-    present = {r["score"] for rows in curves.values() for r in rows}
-    scores = [s for s in RANKED if s in present]
-    fig, axes = _score_axes(plt, len(scores))
-    for ax, score in zip(axes, scores, strict=False):
-        for i, (label, rows) in enumerate(curves.items()):
-            for name, style in ((score, "-"), ("random", "--"), ("oracle", ":")):
-                picked = sorted((r["coverage"], r["value"]) for r in rows
-                                if r["score"] == name and r["risk"] == risk)
-                if picked:
-                    xs, ys = zip(*picked, strict=True)
-                    ax.plot(xs, ys, style, color=f"C{i}", lw=1,
-                            label=label if name == score else f"{label} {name}")
-        ax.set_title(f"ranked by {score}", fontsize=8)
-        ax.set_xlabel("coverage (kept fraction per class)", fontsize=7)
-    axes[0].set_ylabel(f"{risk} of kept samples")
-    axes[0].legend(fontsize=5)
-    return fig
-
-
-def correlation_figure(correlations: dict, title: str = ""):
-    """Heat map of the within-class Spearman correlations between the scores."""
-    plt = _pyplot()
-    names, matrix = correlations["scores"], correlations["spearman"]
-    fig, ax = plt.subplots(figsize=(0.55 * len(names) + 2.5, 0.55 * len(names) + 1.5))
-    matrix = [[float("nan") if v is None else v for v in row] for row in matrix]
-    shown = ax.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
-    fig.colorbar(shown, ax=ax, fraction=0.04, label="within-class Spearman")
-    ax.set_title(f"score correlations {title}".strip(), fontsize=9)
-    return fig
-
-
-def grids_figure(grids: dict[str, Path]):
-    """The variants' sample grids side by side."""
-    plt = _pyplot()
-    from PIL import Image
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
-    for ax, (label, path) in zip(axes[0], grids.items(), strict=True):
-        with Image.open(path) as img:
-            ax.imshow(img.convert("RGB"), interpolation="nearest")
-        ax.set_title(label, fontsize=9)
-        ax.axis("off")
-    return fig

@@ -21,6 +21,9 @@ from up.losses import dirichlet_variance, semantic_entropy
 MEASURES = ("entropy", "dispersion", "semantic_entropy")  # of the guided distribution
 COND_MEASURES = ("cond_entropy", "surprisal")  # of the conditional (unguided) distribution
 ALL_MEASURES = MEASURES + COND_MEASURES
+# What selective generation ranks images by (image_scores): every measure as the mean
+# over all tokens, and over the finest scales only (_fine).
+IMAGE_SCORES = [*ALL_MEASURES, *(f"{m}_fine" for m in ALL_MEASURES)]
 
 
 def token_uncertainty(logits: torch.Tensor, code_to_cluster: torch.Tensor, num_clusters: int,
