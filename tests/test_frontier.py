@@ -187,3 +187,20 @@ def test_sweep_and_frontier_stages_are_cached(tmp_path):
     assert "matched" in (project / "results/frontier.md").read_text()
     again = run(["dvc", "repro", "frontier"], project).stdout
     assert "Running stage" not in again, again
+
+
+def test_pairs_are_read_at_their_own_level_when_no_global_one_exists():
+    """ls's precision range (0.1-0.3) misses up's (0.5-0.9): no level common to every
+    run, yet ce (0.2-0.8) shares 0.2-0.3 with ls (level 0.25) and 0.5-0.8 with up (level
+    0.65). Recall at 0.25: ls 0.8 - 0.75 * 0.1 = 0.725, ce 0.6 - 0.4 / 12 = 0.5667; at 0.65:
+    up 0.6 - 0.375 * 0.4 = 0.45, ce 0.6 - 0.75 * 0.4 = 0.3."""
+    ce = _sweep("ce", 0, [(1, 0.2, 0.6, 0.8, 1.0, 5), (2, 0.8, 0.2, 1.0, 0.5, 4)])
+    ls = _sweep("ls", 0, [(1, 0.1, 0.8, 0.8, 1.0, 5), (2, 0.3, 0.7, 1.0, 0.5, 4)])
+    up = _sweep("up", 0, [(1, 0.5, 0.6, 0.8, 1.0, 5), (2, 0.9, 0.2, 1.0, 0.5, 4)])
+    summary = summarize({"ce": {0: ce}, "ls": {0: ls}, "up": {0: up}}, ["ce"])
+    assert summary["levels"]["precision"]["level"] is None
+    pairs = summary["paired"]["ce"]
+    assert pairs["ls"]["recall_at_precision"]["level"] == pytest.approx(0.25)
+    assert pairs["ls"]["recall_at_precision"]["mean"] == pytest.approx(0.725 - (0.6 - 0.4 / 12))
+    assert pairs["up"]["recall_at_precision"]["level"] == pytest.approx(0.65)
+    assert pairs["up"]["recall_at_precision"]["mean"] == pytest.approx(0.45 - 0.3)

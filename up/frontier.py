@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from up.report import paired_differences, t_interval
+from up.report import t_interval
 
 # (quality key, diversity key, name of the value at matched quality, titles)
 PAIRS = [
@@ -127,6 +127,30 @@ def mean_curves(by_seed: dict[int, dict]) -> list[dict]:
     return out
 
 
+def paired_at_pair_level(curves: dict, baseline: str, fixed: dict[str, float | None]
+                         ) -> dict[str, dict[str, dict | None]]:
+    """Per variant and figure: variant - baseline, seed by seed, read at a quality level
+    both reach: the midpoint of the range common to the two variants' seeds (or the
+    level fixed in params). One global level often does not exist (a sharper
+    variant's whole curve can lie above a softer one's), a pair's level usually does."""
+    out = {}
+    for v in curves:
+        if v == baseline:
+            continue
+        out[v] = {}
+        seeds = sorted(set(curves[v]) & set(curves[baseline]))
+        for quality, _, name, *_ in PAIRS:
+            ranges = [reached(curves[w][s][quality][0]) for w in (v, baseline) for s in seeds]
+            level = match_level(ranges, fixed.get(quality))["level"]
+            reads = {w: [None if level is None else value_at(*curves[w][s][quality], level)
+                         for s in seeds] for w in (v, baseline)}
+            both = [(a, b) for a, b in zip(reads[v], reads[baseline], strict=True)
+                    if a is not None and b is not None]
+            out[v][name] = None if not both or len(both) < len(seeds) else {
+                **t_interval([a - b for a, b in both]), "seeds": seeds, "level": level}
+    return out
+
+
 def summarize(sweeps: dict[str, dict[int, dict]], baselines: Sequence[str],
               fixed: dict[str, float | None] | None = None) -> dict:
     """sweeps[variant][seed] = one sweep file -> levels, per-variant values at matched
@@ -160,7 +184,7 @@ def summarize(sweeps: dict[str, dict[int, dict]], baselines: Sequence[str],
                               {"mean": None, "low": None, "high": None, "n": len(seeds)}),
                            "values": per_seed}
         variants[v] = entry
-    paired = {b: paired_differences(values, b, names) for b in baselines if b in values}
+    paired = {b: paired_at_pair_level(curves, b, fixed) for b in baselines if b in curves}
     return {"levels": levels, "variants": variants, "paired": paired,
             "curves": {v: mean_curves(by_seed) for v, by_seed in sweeps.items()}}
 
@@ -214,15 +238,18 @@ def markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     for baseline, by_variant in summary["paired"].items():
         head = [f"variant − {baseline}", "seeds"] + [
-            f"{o_title} {_level_title(q_title, levels[quality])}"
-            for quality, _, _, q_title, o_title in PAIRS]
+            f"{o_title} @ {q_title} (pair level)" for quality, _, _, q_title, o_title in PAIRS]
         lines += ["", f"### Paired with `{baseline}` (same seed)", "",
-                  "Mean difference [95 % t-interval over seeds]; * the interval excludes 0.", "",
+                  "Mean difference [95 % t-interval over seeds] read at the pair's own matched "
+                  "quality (the midpoint of the range both variants' seeds reach, in brackets "
+                  "after the cell); * the interval excludes 0.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for v, cells in by_variant.items():
             seeds = next((c["seeds"] for c in cells.values() if c is not None), [])
             row = [v, ",".join(map(str, seeds))]
-            row += [_cell(cells[name], signed=True) for _, _, name, *_ in PAIRS]
+            row += [_cell(cells[name], signed=True) + ("" if cells[name] is None else
+                                                        f" (@ {cells[name]['level']:.3g})")
+                    for _, _, name, *_ in PAIRS]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
