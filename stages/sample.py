@@ -15,33 +15,12 @@ import torch
 
 from up.config import Params
 from up.io import save_figure, save_image_grid, save_json, save_torch
-from up.runtime import progress, resolve_device
-from up.sampling import sample
+from up.runtime import resolve_device
+from up.sampling import sample_many
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
-from up.uncertainty import ALL_MEASURES, aggregate
 
 TOKENIZER = Path("models/tokenizer.pt")
-
-
-def sample_many(var, tokenizer, labels: torch.Tensor, batch_size: int, generator, description: str,
-                **kwargs) -> dict:
-    """Sample ``labels`` in batches (one generator throughout) and concatenate."""
-    images, maps = [], {m: [] for m in ALL_MEASURES}
-    with progress() as bar:
-        task = bar.add_task(description, total=len(labels), info="")
-        for start in range(0, len(labels), batch_size):
-            batch = labels[start:start + batch_size]
-            imgs, _, unc = sample(var, tokenizer, batch, generator=generator, **kwargs)
-            images.append(imgs)
-            for name in ALL_MEASURES:
-                maps[name].append(unc["maps"][name])
-            mean_h = unc["image"]["entropy"].mean().item()
-            bar.update(task, advance=len(batch), info=f"mean entropy {mean_h:.3f}")
-    maps = {name: [torch.cat(s) for s in zip(*maps[name], strict=True)] for name in ALL_MEASURES}
-    image, per_scale = aggregate(maps)
-    return dict(images=torch.cat(images), labels=labels.cpu(),
-                uncertainty=dict(maps=maps, image=image, per_scale=per_scale))
 
 
 def grid_rows(labels: torch.Tensor, num_rows: int, per_row: int) -> torch.Tensor:

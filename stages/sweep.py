@@ -21,7 +21,6 @@ from contextlib import nullcontext
 
 import torch
 
-from stages.sample import sample_many
 from up.config import Params
 from up.errors import StageError
 from up.evaluator import evaluator_outputs, load_evaluator
@@ -30,16 +29,10 @@ from up.frontier import sweep_path
 from up.io import load_torch, save_json
 from up.paths import EVALUATOR, PREPARED, TOKENIZER, model, run_tag
 from up.runtime import resolve_device
+from up.sampling import sample_many
 from up.selective import class_accuracy, class_diversity
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
-
-
-def sample_seed(seed: int, guidance: float) -> int:
-    """The sampling seed of one curve point: the run's seed, whatever the guidance
-    (common random numbers along the curve, and across variants of one seed)."""
-    del guidance
-    return seed
 
 
 def in_class_diversity(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
@@ -83,7 +76,8 @@ def run(params: Params, variant: str, seed: int) -> None:
     rows = []
     for guidance in sorted(sw.guidance):
         start = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(sample_seed(seed, guidance))
+        # the run's seed at every guidance: common random numbers along the curve
+        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             images = sample_many(var, tokenizer, labels, sp.batch_size, generator,
                                  f"sweep {tag} guidance {guidance:g}", guidance=guidance,
@@ -93,7 +87,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         rows.append({"guidance": guidance, **quality(extract_features(images, config)),
                      "class_accuracy": class_accuracy(logits, labels), "diversity": diversity,
                      "n_samples": len(images), "n_in_class": n_in_class,
-                     "sample_seed": sample_seed(seed, guidance)})
+                     "sample_seed": seed})
         r = rows[-1]
         shown = "n/a" if diversity is None else f"{diversity:.3f}"
         print(f"sweep {tag} guidance {guidance:g}: FID {r['fid']:.4g}, precision {r['precision']:.3f}, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from up.runtime import progress
 from up.tokenizer import to_uint8
 from up.uncertainty import ALL_MEASURES, aggregate, conditional_uncertainty, token_uncertainty
 
@@ -135,3 +136,23 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
     images = to_uint8(tokenizer.fhat_to_image(f_hat)).cpu()
     image, per_scale = aggregate(maps)
     return images, [i.cpu() for i in indices], dict(maps=maps, image=image, per_scale=per_scale)
+
+
+def sample_many(var, tokenizer, labels: torch.Tensor, batch_size: int, generator, description: str,
+                **kwargs) -> dict:
+    """Sample ``labels`` in batches (one generator throughout) and concatenate."""
+    images, maps = [], {m: [] for m in ALL_MEASURES}
+    with progress() as bar:
+        task = bar.add_task(description, total=len(labels), info="")
+        for start in range(0, len(labels), batch_size):
+            batch = labels[start:start + batch_size]
+            imgs, _, unc = sample(var, tokenizer, batch, generator=generator, **kwargs)
+            images.append(imgs)
+            for name in ALL_MEASURES:
+                maps[name].append(unc["maps"][name])
+            mean_h = unc["image"]["entropy"].mean().item()
+            bar.update(task, advance=len(batch), info=f"mean entropy {mean_h:.3f}")
+    maps = {name: [torch.cat(s) for s in zip(*maps[name], strict=True)] for name in ALL_MEASURES}
+    image, per_scale = aggregate(maps)
+    return dict(images=torch.cat(images), labels=labels.cpu(),
+                uncertainty=dict(maps=maps, image=image, per_scale=per_scale))
