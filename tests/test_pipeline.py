@@ -83,8 +83,7 @@ def named(tree, name: str) -> list[dict]:
 
 def test_exp_run_with_override_is_listed(repro, experiment):
     rows = json.loads(run(["dvc", "exp", "show", "--json"], repro).stdout)
-    entry = named(rows, experiment)[0]
-    data = entry["experiments"][0]["revs"][0]["data"] if "experiments" in entry else entry["data"]
+    data = next(d for d in named(rows, experiment) if "data" in d)["data"]
     assert data["params"]["params.yaml"]["data"]["variants"]["up"]["lambda_disp"] == 0.05
     headline = data["metrics"]["results/metrics.json"]["data"]
     assert set(headline["up"]) == set(HEADLINE_KEYS)
@@ -103,7 +102,8 @@ def test_exp_run_with_override_is_listed(repro, experiment):
 def test_plots_diff_overlays_the_experiment_curves(repro, experiment):
     shown = json.loads(run(["dvc", "plots", "diff", "HEAD", experiment, "--json",
                             "--targets", "plots/train/up-s0.tsv"], repro).stdout)
-    revisions = {rev for plot in shown["plots/train/up-s0.tsv"] for rev in plot["revisions"]}
+    revisions = {rev for plot in shown["data"]["plots/train/up-s0.tsv"]
+                 for rev in plot["revisions"]}
     assert revisions == {"HEAD", experiment}
 
 
@@ -116,8 +116,7 @@ def test_prepare_then_exp_run_switches_source(tmp_path):
     run(["git", "commit", "-qm", "prepared"], project)
     run(["dvc", "exp", "run", "-n", "digits", "-S", "data.source=digits", "prepare"], project)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    entry = named(shown, "digits")[0]
-    data = entry["experiments"][0]["revs"][0]["data"] if "experiments" in entry else entry["data"]
+    data = next(d for d in named(shown, "digits") if "data" in d)["data"]
     assert data["metrics"]["metrics/prepare.json"]["data"]["images"] == 1797
 
 
