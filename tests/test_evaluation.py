@@ -30,7 +30,6 @@ from up.selective import (
     most_certain,
     on_class_diversity,
     realism_score,
-    selective_curves,
 )
 
 TRAIN_ARGS = dict(widths=[8, 16], feature_dim=16, feature_scale=0.4, batch_size=64, lr=3e-3)
@@ -208,36 +207,6 @@ def test_most_certain_keeps_the_lowest_scores():
     assert [kept_count(10, f) for f in (1.0, 0.9, 0.75, 0.5, 0.01)] == [10, 9, 8, 5, 1]
     with pytest.raises(ValueError):
         kept_count(10, 0.0)
-
-
-def test_selective_curves_bookkeeping_on_a_known_example():
-    # image i has quality i (lower is better); the 'good' score ranks by quality, the
-    # 'inverted' score ranks the other way round, so dropping by it hurts
-    n = 20
-    quality = torch.arange(n, dtype=torch.float64)
-    scores = {"good": quality.clone(), "inverted": -quality}
-    metric = lambda kept: {"mean_quality": quality[kept].mean().item(), "n": len(kept)}  # noqa: E731
-    rows = selective_curves(scores, [1.0, 0.5, 0.25], metric, random_repeats=4, seed=7)
-    table = {(r["score"], r["fraction"]): r for r in rows}
-    assert len(rows) == 9
-    assert table["good", 0.5]["mean_quality"] == 4.5  # images 0..9
-    assert table["good", 0.25]["mean_quality"] == 2.0  # images 0..4
-    assert table["inverted", 0.5]["mean_quality"] == 14.5  # images 10..19
-    for fraction, kept in ((1.0, 20), (0.5, 10), (0.25, 5)):
-        assert {table[s, fraction]["kept"] for s in ("good", "inverted", "random")} == {kept}
-        assert table["random", fraction]["n"] == kept
-        assert table["good", fraction]["mean_quality"] <= table["random", fraction]["mean_quality"]
-    assert table["random", 1.0]["mean_quality"] == 9.5 and table["random", 0.5]["repeats"] == 4
-    # the control is the mean over seeded draws of the same size, in a fixed order
-    gen = torch.Generator().manual_seed(7)
-    expected = {}
-    for fraction, kept in ((1.0, 20), (0.5, 10), (0.25, 5)):
-        draws = [quality[torch.randperm(n, generator=gen)[:kept]].mean().item() for _ in range(4)]
-        expected[fraction] = sum(draws) / 4
-    for fraction, value in expected.items():
-        assert table["random", fraction]["mean_quality"] == pytest.approx(value)
-    again = selective_curves(scores, [1.0, 0.5, 0.25], metric, random_repeats=4, seed=7)
-    assert again == rows
 
 
 def test_class_diversity_and_accuracy_by_hand():

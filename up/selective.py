@@ -36,31 +36,6 @@ def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def selective_curves(scores: dict[str, torch.Tensor], fractions: Sequence[float], metric: Metric,
-                     random_repeats: int, seed: int) -> list[dict]:
-    """One row per (score, kept fraction) with the metric on the kept images, plus
-    'random' rows: the metric averaged over ``random_repeats`` seeded random subsets
-    of the same size. Rows: score, fraction, kept, repeats, then the metric's keys."""
-    sizes = {len(s) for s in scores.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"scores disagree on the number of images: {sorted(sizes)}")
-    n = sizes.pop()
-    rows = []
-    for name, values in scores.items():
-        for fraction in fractions:
-            kept = most_certain(values, fraction)
-            rows.append({"score": name, "fraction": fraction, "kept": len(kept), "repeats": 1,
-                         **metric(kept)})
-    gen = torch.Generator().manual_seed(seed)
-    for fraction in fractions:
-        count = kept_count(n, fraction)
-        draws = [metric(torch.randperm(n, generator=gen)[:count]) for _ in range(random_repeats)]
-        rows.append({"score": "random", "fraction": fraction, "kept": count,
-                     "repeats": random_repeats,
-                     **{key: _mean([d[key] for d in draws]) for key in draws[0]}})
-    return rows
-
-
 def class_diversity(features: torch.Tensor, classes: torch.Tensor) -> float:
     """Mean pairwise Euclidean feature distance within each class, averaged over the
     classes with at least two images: low when a model collapses inside a class."""
@@ -172,7 +147,7 @@ def stratified_random(classes: torch.Tensor, fraction: float, generator: torch.G
 def stratified_curves(scores: dict[str, torch.Tensor], classes: torch.Tensor,
                       fractions: Sequence[float], metric: Metric, random_repeats: int, seed: int
                       ) -> list[dict]:
-    """selective_curves with within-class selection: each score keeps its most certain
+    """Selective-generation curves with within-class selection: each score keeps its most certain
     ``fraction`` of every class; 'random' rows average ``random_repeats`` stratified
     random subsets of the same per-class counts. A kept set met before (every score at
     fraction 1) is not scored again."""
