@@ -15,15 +15,14 @@ subset FID, score correlations and per-sample rows, as JSON and PNGs).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from up import paths
 from up.calibration import CalibrationMeter
 from up.config import Params
 from up.errors import StageError
 from up.evaluator import evaluator_outputs, load_evaluator
-from up.fidelity import FidelityConfig, SubsetQuality, compute_quality, extract_features
+from up.fidelity import SubsetQuality, compute_quality, config_from_params, extract_features
 from up.figures import (
     correlation_figure,
     reliability_figure,
@@ -49,16 +48,7 @@ from up.tokens import load_token_split, predict
 from up.transformer import load_var_and_temperatures
 from up.uncertainty import image_scores
 
-EVALUATOR = Path("models/evaluator.pt")
-TOKENIZER = Path("models/tokenizer.pt")
-
-
-def fidelity_config(params: Params, device: torch.device, seed: int) -> FidelityConfig:
-    ev = params.evaluate
-    weights = str(EVALUATOR) if ev.feature_extractor == "evaluator" else ev.inception_weights
-    return FidelityConfig(extractor=ev.feature_extractor, weights_path=weights,
-                          cuda=device.type == "cuda", kid_subset_size=ev.kid_subset_size,
-                          kid_subsets=ev.kid_subsets, pr_neighborhood=ev.pr_neighborhood, seed=seed)
+EVALUATOR, TOKENIZER = paths.EVALUATOR, paths.TOKENIZER
 
 
 def calibration(params: Params, variant: str, seed: int, device: torch.device
@@ -66,9 +56,9 @@ def calibration(params: Params, variant: str, seed: int, device: torch.device
     """ECE, NLL, Brier, top-1 accuracy and reliability bins of the token predictions
     on every val token (true labels, no guidance), accumulated batch by batch."""
     tokenizer = load_tokenizer(TOKENIZER, device)
-    var, temperatures = load_var_and_temperatures(Path("models") / f"var-{variant}-s{seed}.pt")
+    var, temperatures = load_var_and_temperatures(paths.model(variant, seed))
     var = var.to(device)
-    val = load_token_split("data/tokens/val.pt", tokenizer, device)
+    val = load_token_split(paths.split(paths.TOKENS, "val"), tokenizer, device)
     meter = CalibrationMeter(params.evaluate.ece_bins)
     for logits, targets in predict(var, val, torch.arange(len(val)), params.train.batch_size,
                                    params.train.bf16, temperatures):
@@ -84,18 +74,18 @@ def run(params: Params, variant: str, seed: int) -> None:
     ev = params.evaluate
     params.variant(variant)
     device = resolve_device(params.device)
-    name = f"{variant}-s{seed}"
-    plots = Path("plots/eval") / name
+    name = paths.run_tag(variant, seed)
+    plots = paths.eval_plots(variant, seed)
 
-    samples = load_torch(Path("samples") / name / "samples.pt", "samples")
-    test = load_torch("data/prepared/test.pt", "prepared test split")
+    samples = load_torch(paths.samples(variant, seed) / "samples.pt", "samples")
+    test = load_torch(paths.split(paths.PREPARED, "test"), "prepared test split")
     gen, labels, real = samples["images"], samples["labels"], test["images"]
     smallest = kept_count(len(gen), min(ev.selective_fractions))
     if smallest <= ev.pr_neighborhood:
         raise StageError(f"selective generation keeps {smallest} of {len(gen)} samples at fraction "
                          f"{min(ev.selective_fractions)}; precision/recall needs more than "
                          f"evaluate.pr_neighborhood={ev.pr_neighborhood} (raise sample.n_per_class)")
-    config = fidelity_config(params, device, seed)
+    config = config_from_params(ev, str(EVALUATOR), device.type == "cuda", seed)
     quality = compute_quality(gen, real, config)
 
     evaluator = load_evaluator(EVALUATOR).to(device)
@@ -174,7 +164,7 @@ def run(params: Params, variant: str, seed: int) -> None:
                    "predicted": int(gen_logits[i].argmax()), "log_p": float(log_p[i]),
                    "realism": float(realism[i]), "failed": bool(failed[i]),
                    **{sc: float(v[i]) for sc, v in scores.items()}} for i in range(len(gen))]
-    save_json(figures, Path("metrics") / f"eval-{name}.json")
+    save_json(figures, paths.metrics(f"eval-{name}"))
     save_json(bins, plots / "reliability.json")
     save_json(rows, plots / "selective.json")
     save_json(curves, plots / "risk_coverage.json")

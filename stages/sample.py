@@ -9,10 +9,10 @@ and, on request, one PNG per image.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
+from up import paths
 from up.config import Params
 from up.io import save_figure, save_image_grid, save_json, save_torch
 from up.runtime import resolve_device
@@ -20,7 +20,7 @@ from up.sampling import sample_many
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
 
-TOKENIZER = Path("models/tokenizer.pt")
+TOKENIZER = paths.TOKENIZER
 
 
 def grid_rows(labels: torch.Tensor, num_rows: int, per_row: int) -> torch.Tensor:
@@ -67,8 +67,8 @@ def run(params: Params, variant: str, seed: int) -> None:
     # variant's own evidence mass (up's kappa; 1.0 for variants without one)
     kappa = float(getattr(params.variant(variant), "kappa", 1.0))
     device = resolve_device(params.device)
-    out = Path("samples") / f"{variant}-s{seed}"
-    checkpoint = Path("models") / f"var-{variant}-s{seed}.pt"
+    out = paths.samples(variant, seed)
+    checkpoint = paths.model(variant, seed)
 
     tokenizer = load_tokenizer(TOKENIZER, device)
     code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)

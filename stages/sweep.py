@@ -24,26 +24,15 @@ import torch
 from up.config import Params
 from up.errors import StageError
 from up.evaluator import evaluator_outputs, load_evaluator
-from up.fidelity import FidelityConfig, SubsetQuality, extract_features
+from up.fidelity import SubsetQuality, config_from_params, extract_features
 from up.frontier import sweep_path
 from up.io import load_torch, save_json
 from up.paths import EVALUATOR, PREPARED, TOKENIZER, model, run_tag
 from up.runtime import resolve_device
 from up.sampling import sample_many
-from up.selective import class_accuracy, class_diversity
+from up.selective import class_accuracy, on_class_diversity
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
-
-
-def in_class_diversity(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
-                       ) -> tuple[float | None, int]:
-    """Within-class diversity over the images the evaluator assigns to their class
-    (a model drawing wrong digits does not look more diverse), and how many those are."""
-    correct = logits.argmax(1) == labels
-    try:
-        return class_diversity(features[correct], labels[correct]), int(correct.sum())
-    except ValueError:
-        return None, int(correct.sum())
 
 
 def run(params: Params, variant: str, seed: int) -> None:
@@ -63,9 +52,7 @@ def run(params: Params, variant: str, seed: int) -> None:
                          f"than evaluate.pr_neighborhood={ev.pr_neighborhood} (raise sweep.n_per_class)")
 
     test = load_torch(PREPARED / "test.pt", "prepared test split")
-    weights = str(EVALUATOR) if ev.feature_extractor == "evaluator" else ev.inception_weights
-    config = FidelityConfig(extractor=ev.feature_extractor, weights_path=weights,
-                            cuda=device.type == "cuda", pr_neighborhood=ev.pr_neighborhood, seed=seed)
+    config = config_from_params(ev, str(EVALUATOR), device.type == "cuda", seed)
     quality = SubsetQuality(extract_features(test["images"], config), config)
     evaluator = load_evaluator(EVALUATOR).to(device)
 
@@ -83,7 +70,8 @@ def run(params: Params, variant: str, seed: int) -> None:
                                  f"sweep {tag} guidance {guidance:g}", guidance=guidance,
                                  **kwargs)["images"]
         features, logits = evaluator_outputs(evaluator, images, device=device)
-        diversity, n_in_class = in_class_diversity(features, logits, labels)
+        diversity = on_class_diversity(features, logits, labels)
+        n_in_class = int((logits.argmax(1) == labels).sum())
         rows.append({"guidance": guidance, **quality(extract_features(images, config)),
                      "class_accuracy": class_accuracy(logits, labels), "diversity": diversity,
                      "n_samples": len(images), "n_in_class": n_in_class,

@@ -87,7 +87,8 @@ class UInt8Images(Dataset):
 
 @dataclass(frozen=True)
 class FidelityConfig:
-    """Which feature network and how torch-fidelity runs it."""
+    """Which feature network and how torch-fidelity runs it (``config_from_params``
+    builds it from params.yaml's evaluate section)."""
 
     extractor: str = "evaluator"  # evaluator | inception-v3-compat
     weights_path: str | None = None  # evaluator checkpoint, or local Inception state dict
@@ -200,3 +201,12 @@ class SubsetQuality:
                                      save_cpu_ram=True, verbose=False)
         return {"fid": frechet_distance(gen_features, self.real_features),
                 "precision": prc["precision"], "recall": prc["recall"]}
+
+
+def config_from_params(ev, evaluator_path: str, cuda: bool, seed: int) -> FidelityConfig:
+    """The FidelityConfig of an EvaluateParams section: the project's evaluator, or
+    InceptionV3 from ``evaluate.inception_weights``."""
+    weights = evaluator_path if ev.feature_extractor == "evaluator" else ev.inception_weights
+    return FidelityConfig(extractor=ev.feature_extractor, weights_path=weights, cuda=cuda,
+                          kid_subset_size=ev.kid_subset_size, kid_subsets=ev.kid_subsets,
+                          pr_neighborhood=ev.pr_neighborhood, seed=seed)

@@ -46,54 +46,54 @@ def _score_axes(plt, n: int, sharey: bool = True):
     return fig, axes.flat
 
 
-def selective_figure(curves: dict[str, list[dict]], metric: str = "fid"):
-    """Stratified subset ``metric`` against the kept fraction: one panel per uncertainty
-    score, one line per label; the stratified random control dashed and the oracle
-    dotted in every panel."""
+def _score_panels(curves: dict[str, list[dict]], points, xlabel: str, ylabel: str,
+                  invert: bool = False, **line):
+    """One panel per uncertainty score present in ``curves``, one colour per label: the
+    score's curve (solid) with the random (dashed) and oracle (dotted) controls;
+    ``points(rows, name)`` gives the (x, y) of one curve."""
     plt = _pyplot()
     present = {r["score"] for rows in curves.values() for r in rows}
     scores = [s for s in RANKED if s in present]
     fig, axes = _score_axes(plt, len(scores))
     for ax, score in zip(axes, scores, strict=False):
         for i, (label, rows) in enumerate(curves.items()):
-            color = f"C{i}"
             for name, style in ((score, "-"), ("random", "--"), ("oracle", ":")):
-                picked = sorted((r["fraction"], r[metric]) for r in rows
-                                if r["score"] == name and r.get(metric) is not None)
+                picked = sorted(points(rows, name))
                 if picked:
                     xs, ys = zip(*picked, strict=True)
-                    ax.plot(xs, ys, style, color=color, marker="o", ms=3,
-                            label=label if name == score else f"{label} {name}")
+                    ax.plot(xs, ys, style, color=f"C{i}",
+                            label=label if name == score else f"{label} {name}", **line)
         ax.set_title(f"ranked by {score}", fontsize=8)
-        ax.set_xlabel("kept fraction per class", fontsize=7)
-        ax.invert_xaxis()
-    axes[0].set_ylabel(f"{metric} (stratified)")
+        ax.set_xlabel(xlabel, fontsize=7)
+        if invert:
+            ax.invert_xaxis()
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=5)
     return fig
+
+
+def selective_figure(curves: dict[str, list[dict]], metric: str = "fid"):
+    """Stratified subset ``metric`` against the kept fraction: one panel per uncertainty
+    score, one line per label; the stratified random control dashed and the oracle
+    dotted in every panel."""
+    def points(rows, name):
+        return [(r["fraction"], r[metric]) for r in rows
+                if r["score"] == name and r.get(metric) is not None]
+
+    return _score_panels(curves, points, "kept fraction per class", f"{metric} (stratified)",
+                         invert=True, marker="o", ms=3)
 
 
 def risk_coverage_figure(curves: dict[str, list[dict]], risk: str = "failure"):
     """Within-class risk-coverage curves (mean ``risk`` of the kept samples against the
     kept fraction of every class): one panel per uncertainty score, one line per label,
     with the random (dashed) and oracle (dotted) controls."""
-    plt = _pyplot()
-    present = {r["score"] for rows in curves.values() for r in rows}
-    scores = [s for s in RANKED if s in present]
-    fig, axes = _score_axes(plt, len(scores))
-    for ax, score in zip(axes, scores, strict=False):
-        for i, (label, rows) in enumerate(curves.items()):
-            for name, style in ((score, "-"), ("random", "--"), ("oracle", ":")):
-                picked = sorted((r["coverage"], r["value"]) for r in rows
-                                if r["score"] == name and r["risk"] == risk)
-                if picked:
-                    xs, ys = zip(*picked, strict=True)
-                    ax.plot(xs, ys, style, color=f"C{i}", lw=1,
-                            label=label if name == score else f"{label} {name}")
-        ax.set_title(f"ranked by {score}", fontsize=8)
-        ax.set_xlabel("coverage (kept fraction per class)", fontsize=7)
-    axes[0].set_ylabel(f"{risk} of kept samples")
-    axes[0].legend(fontsize=5)
-    return fig
+    def points(rows, name):
+        return [(r["coverage"], r["value"]) for r in rows
+                if r["score"] == name and r["risk"] == risk]
+
+    return _score_panels(curves, points, "coverage (kept fraction per class)",
+                         f"{risk} of kept samples", lw=1)
 
 
 def correlation_figure(correlations: dict, title: str = ""):

@@ -65,12 +65,9 @@ def image_scores(maps: dict[str, list[torch.Tensor]], fine_scales: int) -> dict[
     """The per-image scores selective generation ranks by: for every measure ``m``
     in ``maps``, ``m`` (mean over all tokens) and ``m_fine`` (mean over the tokens of
     the ``fine_scales`` finest scales)."""
-    out = {}
-    for name, scales in maps.items():
-        out[name] = torch.cat([s.flatten(1) for s in scales], dim=1).mean(1)
-    for name, scales in maps.items():
-        out[f"{name}_fine"] = fine_mean(scales, fine_scales)
-    return out
+    image, _ = aggregate(maps)
+    return {**image, **{f"{name}_fine": fine_mean(scales, fine_scales)
+                        for name, scales in maps.items()}}
 
 
 def aggregate(maps: dict[str, list[torch.Tensor]]) -> tuple[dict, dict]:
