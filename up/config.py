@@ -41,6 +41,8 @@ class DataParams(Section):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     preview_per_class: int = Field(8, ge=1, le=64)
+    preview_classes: int = Field(16, ge=1, le=100)  # preview rows: at most this many classes
+    workers: int = Field(2, ge=1, le=256)  # image decode processes (imagefolder); no effect on outputs
 
 
 class TokenizerParams(Section):
@@ -68,6 +70,9 @@ class TokenizerParams(Section):
     warmup_steps: int = Field(100, ge=0)
     save_every: int = Field(400, ge=1)
     grid_images: int = Field(8, ge=1, le=64)
+    augment: Literal["none", "flip", "crop_flip"] = "none"  # random flips / crops of training images
+    micro_batch: int = Field(0, ge=0)  # images per process per forward (0 = its whole share)
+    bf16: bool = True  # autocast on CUDA only
 
     @model_validator(mode="after")
     def _consistent(self) -> TokenizerParams:
@@ -107,7 +112,6 @@ class TransformerParams(Section):
 
 
 class TrainParams(Section):
-    launcher: str = Field("up", min_length=1)
     steps: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -128,6 +132,7 @@ class TrainParams(Section):
     calib_fraction: float = Field(0.05, ge=0, lt=0.5)  # held out of every variant's training
     images_per_class: int = Field(0, ge=0)  # train on the first n of each class (0 = all)
     init_from: str | None = None  # start every variant from this models/var-*.pt (fine-tuning)
+    calib_tokens: int = Field(200_000, ge=0)  # temperature fits: seeded token sample per scale (0 = all)
 
 
 class CEVariant(Section):
@@ -188,6 +193,7 @@ class SampleParams(Section):
     unconditional: bool = False
     save_pngs: bool = False
     grid_per_class: int = Field(8, ge=1, le=64)
+    grid_classes: int = Field(16, ge=1, le=100)  # grid rows: at most this many classes
 
 
 class SweepParams(Section):
@@ -220,6 +226,7 @@ class EvaluatorParams(Section):
 class EvaluateParams(Section):
     feature_extractor: Literal["evaluator", "inception-v3-compat"] = "evaluator"
     inception_weights: str | None = None
+    reference_stats: str | None = None  # .npz with mu, sigma of the real images (published FID)
     kid_subset_size: int = Field(200, ge=2)
     kid_subsets: int = Field(50, ge=1)
     pr_neighborhood: int = Field(3, ge=1)
@@ -242,6 +249,7 @@ class Params(BaseSettings):
     )
 
     seed: int = Field(0, ge=0)
+    launcher: str = Field("up", min_length=1)  # runs tokenizer/train/sample/evaluate: up | torchrun ...
     threads: int = Field(2, ge=1, le=512)
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
