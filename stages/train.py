@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from up import paths
 from up.config import Params
+from up.distributed import distributed
 from up.io import save_json, save_torch, save_tsv
 from up.runtime import resolve_device
 from up.train import (
     RunPaths,
     build_run,
-    distributed,
     finish,
     resolved_params,
     temperature_scale,

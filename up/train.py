@@ -25,10 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from up import paths
 from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.config import Params
+from up.distributed import Dist, reseed_rank
 from up.errors import StageError
 from up.io import load_torch
 from up.loop import StepLoop, check_finite
@@ -181,44 +179,6 @@ def fit_scale_temperatures(model: VAR, split: TokenSplit, ids: torch.Tensor, bat
     logits, targets = torch.cat(logits), torch.cat(targets)
     scales = model.scale_ids.expand_as(targets)
     return calibrator.fit(logits.flatten(0, 1), targets.flatten(), scales.flatten())
-
-
-# --------------------------------------------------------------------------
-# Distribution
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@contextmanager
-def distributed(device_type: str) -> Iterator[Dist]:
-    """A process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)
-    when WORLD_SIZE > 1: nccl on GPUs, gloo on CPUs. A plain process gets Dist()."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield Dist()
-        return
-    ctx = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_type == "cuda":
-        torch.cuda.set_device(ctx.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    try:
-        yield ctx
-    finally:
-        dist.destroy_process_group()
-
-
-def _reseed_rank(seed: int, step: int, rank: int) -> None:
-    """Give each rank its own random stream (drop-path masks) from (seed, step, rank)."""
-    torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
 
 
 # --------------------------------------------------------------------------
@@ -419,7 +379,7 @@ def _resume(run: Run, checkpoint: Path) -> bool:
         if checkpoint.is_file() and run.ctx.main:
             print(f"ignoring {checkpoint}: written by a run with other settings or data")
         if run.ctx.world > 1:
-            _reseed_rank(run.seed, 0, run.ctx.rank)
+            reseed_rank(run.seed, 0, run.ctx.rank)
         return False
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -432,7 +392,7 @@ def _resume(run: Run, checkpoint: Path) -> bool:
     if len(state["rank_rng"]) == run.ctx.world:
         restore_rng(state["rank_rng"][run.ctx.rank])
     else:  # resumed on another number of processes
-        _reseed_rank(run.seed, run.step, run.ctx.rank)
+        reseed_rank(run.seed, run.step, run.ctx.rank)
     if run.ctx.main:
         print(f"resuming {checkpoint} at step {run.step}/{run.cfg.steps}")
     return True
