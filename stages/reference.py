@@ -14,28 +14,29 @@ from up.config import Params
 from up.empirical import select_reference
 from up.errors import StageError
 from up.io import load_torch, save_json, save_torch
+from up.splits import load_token_arrays
 from up.tokens import training_ids
 
 
 def run(params: Params) -> None:
     cfg, rp = params.train, params.reference
-    train = load_torch(paths.TOKENS / "train.pt", "train token cache")
-    val = load_torch(paths.TOKENS / "val.pt", "val token cache")
+    train = load_token_arrays(paths.TOKENS, "train")
+    val = load_token_arrays(paths.TOKENS, "val")
     vocab = int(load_torch(paths.TOKENIZER, "tokenizer")["config"]["vocab_size"])
-    labels = train["labels"].long()
+    labels = train.labels.long()
     fit_ids, calib_ids = training_ids(labels, cfg.calib_fraction, cfg.images_per_class,
                                       params.seed)
     if len(calib_ids) == 0:
         raise StageError("the reference is chosen on the calibration slice, but "
                          "train.calib_fraction = 0 holds none out: set it > 0")
-    num_classes, patch_nums = len(train["classes"]), list(train["patch_nums"])
-    table, rows = select_reference(train["indices"][fit_ids], labels[fit_ids],
-                                   train["indices"][calib_ids], labels[calib_ids], patch_nums,
+    num_classes, patch_nums = len(train.classes), train.patch_nums
+    table, rows = select_reference(train.indices[fit_ids], labels[fit_ids],
+                                   train.indices[calib_ids], labels[calib_ids], patch_nums,
                                    vocab, num_classes, rp.contexts, rp.priors)
     best = min(rows, key=lambda r: r["heldout_nll"])
     metrics = {"context": best["context"], "prior": best["prior"],
                "heldout_nll": best["heldout_nll"],
-               "val_nll": table.nll(val["indices"], val["labels"].long()),
+               "val_nll": table.nll(val.indices, val.labels.long()),
                "memory_bytes": table.memory_bytes(), "train_images": len(fit_ids),
                "calibration_images": len(calib_ids), "candidates": rows}
     save_torch({"table": table.state_dict(), "fit_ids": fit_ids}, paths.REFERENCE)

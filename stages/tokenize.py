@@ -1,22 +1,42 @@
-"""tokenize: encode every split once, so transformer training never runs the encoder."""
+"""tokenize: encode every split once, so transformer training never runs the encoder.
+
+Images are read and token rows written one batch at a time (memory-mapped
+arrays, see up/splits.py): the stage's memory does not grow with the data.
+"""
 
 from __future__ import annotations
 
+import torch
+
 from up import paths
 from up.config import Params
-from up.io import load_torch, save_torch
-from up.runtime import resolve_device
-from up.tokenizer import load_tokenizer, tokenize_images
+from up.runtime import progress, resolve_device
+from up.splits import (
+    SPLITS,
+    array_writer,
+    load_image_split,
+    save_token_labels,
+    save_token_meta,
+    token_path,
+)
+from up.tokenizer import index_dtype, load_tokenizer, tokenize_images
 
-SPLITS = ("train", "val", "test")
 BATCH = 256
 
 
 def run(params: Params) -> None:
     device = resolve_device(params.device)
     model = load_tokenizer(paths.TOKENIZER, device)
-    for split in SPLITS:
-        data = load_torch(paths.split(paths.PREPARED, split), f"{split} split")
-        tokens = tokenize_images(model, data["images"], BATCH, device)
-        save_torch({"indices": tokens, "labels": data["labels"], "classes": data["classes"],
-                    "patch_nums": list(model.patch_nums)}, paths.split(paths.TOKENS, split))
+    length = sum(p * p for p in model.patch_nums)
+    dtype = torch.empty(0, dtype=index_dtype(model.vocab_size)).numpy().dtype
+    with progress() as bar:
+        for split in SPLITS:
+            data = load_image_split(paths.PREPARED, split)
+            task = bar.add_task(f"tokenize {split}", total=len(data), info="")
+            with array_writer(token_path(paths.TOKENS, split), (len(data), length), dtype) as out:
+                for start, images in data.images.chunks(BATCH):
+                    out.write(start, tokenize_images(model, images, BATCH, device).numpy())
+                    bar.update(task, completed=start + len(images))
+            save_token_labels(paths.TOKENS, split, data.labels)
+            classes = data.classes
+    save_token_meta(paths.TOKENS, classes, list(model.patch_nums))

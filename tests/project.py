@@ -14,6 +14,7 @@ import yaml
 from up.config import Params
 from up.io import save_torch
 from up.runtime import setup
+from up.splits import array_writer, save_token_labels, save_token_meta, token_path
 from up.tokenizer import MultiScaleVQVAE
 from up.train import RunPaths, build_run, finish, train
 
@@ -98,10 +99,17 @@ def make_project(root, n_train=40, n_val=12):
         labels = torch.arange(n) % CLASSES
         noise = torch.randint(0, 3, (n, length))
         indices = (labels[:, None] * 5 + torch.arange(length) + noise) % V
-        save_torch({"indices": indices.to(torch.uint8), "labels": labels,
-                    "classes": [str(c) for c in range(CLASSES)], "patch_nums": PATCH_NUMS},
-                   root / "data" / "tokens" / f"{split}.pt")
+        save_tokens(root / "data" / "tokens", split, indices.to(torch.uint8), labels,
+                    [str(c) for c in range(CLASSES)], PATCH_NUMS)
     return root
+
+
+def save_tokens(root, split, indices, labels, classes, patch_nums):
+    """A token cache split in the tokenize stage's layout."""
+    with array_writer(token_path(root, split), tuple(indices.shape), indices.numpy().dtype) as out:
+        out.write(0, indices.numpy())
+    save_token_labels(root, split, labels)
+    save_token_meta(root, classes, patch_nums)
 
 
 def tiny_params(train=None, up=None, transformer=None) -> dict:

@@ -1,21 +1,25 @@
 import hashlib
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from tests.project import copy_project, run
-from up.data import conform, load_imagefolder, load_source, stratified_split
+from up.data import conform, decoded, load_imagefolder, load_source, read_image, stratified_split
 from up.errors import StageError
+from up.splits import DiskArray, array_writer, load_image_split
 
 
 @pytest.mark.parametrize("source, n, side", [("mnist5k", 5000, 28), ("digits", 1797, 8)])
 def test_offline_sources(source, n, side):
     raw = load_source(source)
-    assert len(raw.images) == n == len(raw.labels)
-    assert raw.images[0].shape == (1, side, side) and raw.images[0].dtype == torch.uint8
+    assert len(raw.items) == n == len(raw.labels)
+    assert raw.items[0].shape == (1, side, side) and raw.items[0].dtype == torch.uint8
     assert raw.classes == [str(d) for d in range(10)]
-    stacked = torch.stack(raw.images)
+    stacked = torch.stack(raw.items)
     assert stacked.max() == 255 and stacked.min() == 0
     counts = torch.bincount(raw.labels)
     if source == "mnist5k":
@@ -52,34 +56,56 @@ def _write_png(path, value):
     Image.fromarray((torch.full((6, 5, 3), value, dtype=torch.uint8)).numpy()).save(path)
 
 
-def test_imagefolder_reports_and_skips_bad_files(tmp_path):
+def _bad_folder(root):
+    """Two classes of three PNGs each, plus a corrupt PNG and a text file."""
     for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
+        (root / cls).mkdir(parents=True)
         for i in range(3):
-            _write_png(tmp_path / cls / f"{i}.png", 40 * i)
-    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    raw = load_imagefolder(tmp_path)
+            _write_png(root / cls / f"{i}.png", 40 * i)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_imagefolder_reports_and_skips_bad_files(tmp_path, workers):
+    raw = load_imagefolder(_bad_folder(tmp_path))
     assert raw.classes == ["cat", "dog"]
-    assert len(raw.images) == 6 and raw.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    skipped = sorted(entry["path"] for entry in raw.skipped)
-    assert skipped == [str(tmp_path / "cat" / "broken.png"), str(tmp_path / "dog" / "notes.txt")]
+    assert len(raw.items) == 8 and raw.labels.tolist() == [0] * 4 + [1] * 4
+    results = list(decoded(raw, 3, 8, "pad", workers=workers, window=3))
+    assert [number for number, _, _ in results] == list(range(8))
+    skipped = [raw.items[n].name for n, image, _ in results if image is None]
+    assert skipped == ["broken.png", "notes.txt"]
+    assert all(reason is None for _, image, reason in results if image is not None)
+    assert all(image.shape == (3, 8, 8) for _, image, _ in results if image is not None)
 
 
 def test_imagefolder_empty_class_is_an_error(tmp_path):
     (tmp_path / "a").mkdir()
     _write_png(tmp_path / "a" / "x.png", 1)
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "junk.txt").write_text("x")
-    with pytest.raises(StageError, match="no readable image"):
+    with pytest.raises(StageError, match="no image file"):
         load_imagefolder(tmp_path)
     with pytest.raises(StageError, match="no class sub-folders"):
         load_imagefolder(tmp_path / "a")
 
 
+def test_prepare_stage_names_a_class_without_readable_images(tmp_path):
+    data = tmp_path / "images"
+    (data / "a").mkdir(parents=True)
+    for i in range(4):
+        _write_png(data / "a" / f"{i}.png", i)
+    (data / "b").mkdir()
+    (data / "b" / "junk.txt").write_text("x")
+    project = copy_project(tmp_path / "p", {"data": {"source": "imagefolder", "root": str(data),
+                                                     "channels": 3, "image_size": 8}})
+    done = run(["up", "prepare"], project, check=False)
+    assert done.returncode == 1 and "class 'b' has no readable image" in done.stderr
+
+
 def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.glob("*.pt"))}
+            for p in sorted(folder.glob("*.npy"))}
 
 
 def test_prepare_stage_is_byte_reproducible(tmp_path):
@@ -87,8 +113,63 @@ def test_prepare_stage_is_byte_reproducible(tmp_path):
     run(["up", "prepare"], a)
     first = _digest(a / "data/prepared")
     run(["up", "prepare"], a)
-    assert _digest(a / "data/prepared") == first and len(first) == 3
-    split = torch.load(a / "data/prepared/train.pt")
-    assert split["images"].shape[1:] == (1, 16, 16) and split["images"].dtype == torch.uint8
-    assert split["labels"].dtype == torch.int64 and split["classes"][3] == "3"
+    assert _digest(a / "data/prepared") == first and len(first) == 5
+    split = load_image_split(a / "data/prepared", "train")
+    assert split.images.shape[1:] == (1, 16, 16) and split.images[:3].dtype == torch.uint8
+    assert split.labels.dtype == torch.int64 and split.classes[3] == "3"
     assert (a / "plots/prepare/preview.png").stat().st_size > 0
+
+
+def test_memory_mapped_prepare_equals_in_memory_result(tmp_path):
+    """The streamed, memory-mapped splits hold bit for bit what stacking every decoded
+    image in memory and indexing it by the split gives; bad files are listed, not used."""
+    folder = _bad_folder(tmp_path / "images")
+    for cls in ("cat", "dog"):  # varied sizes and content: resizing must agree too
+        for i in range(3, 12):
+            pixels = torch.randint(0, 256, (7 + i, 9 + 2 * i, 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(i + len(cls)))
+            Image.fromarray(pixels.numpy()).save(folder / cls / f"{i}.png")
+    cfg = {"source": "imagefolder", "root": str(folder), "channels": 3, "image_size": 12,
+           "fit": "resize", "val_fraction": 0.2, "test_fraction": 0.2, "workers": 2}
+    project = copy_project(tmp_path / "p", {"data": cfg})
+    run(["up", "prepare"], project)
+
+    raw = load_imagefolder(folder)
+    kept, images = [], []
+    for number, path in enumerate(raw.items):
+        try:
+            image = read_image(path)
+        except (OSError, ValueError):
+            continue
+        kept.append(number)
+        images.append(conform(image, 3, 12, "resize"))
+    images, labels = torch.stack(images), raw.labels[kept]
+    splits = stratified_split(labels, 0.2, 0.2, seed=0)
+    for name, index in splits.items():
+        split = load_image_split(project / "data/prepared", name)
+        assert torch.equal(split.images[:], images[index]), name
+        assert torch.equal(split.labels, labels[index]) and split.classes == ["cat", "dog"]
+    skipped = json.loads((project / "data/prepared/skipped.json").read_text())
+    assert sorted(Path(e["path"]).name for e in skipped) == ["broken.png", "notes.txt"]
+
+
+def test_disk_array_reads_rows_in_any_order(tmp_path):
+    rows = torch.arange(6 * 4, dtype=torch.int16).view(6, 4)
+    with array_writer(tmp_path / "a.npy", (6, 4), np.int16) as out:
+        out.write(4, rows[4:].numpy())  # blocks in any order
+        out.write(0, rows[:4].numpy())
+    array = DiskArray(tmp_path / "a.npy")
+    assert array.shape == (6, 4) and torch.equal(array[:], rows)
+    assert torch.equal(array[torch.tensor([5, 0, 5, 2])], rows[[5, 0, 5, 2]])
+    view = array.subset(np.array([1, 3, 5]))
+    assert len(view) == 3 and torch.equal(view[[2, 0]], rows[[5, 1]])
+    assert torch.equal(view[1:], rows[[3, 5]])
+    with pytest.raises(IndexError):
+        view[[3]]
+
+
+def test_interrupted_array_writer_leaves_no_file(tmp_path):
+    with pytest.raises(KeyboardInterrupt), array_writer(tmp_path / "a.npy", (4, 2), np.uint8) as out:
+        out.write(0, np.ones((2, 2), dtype=np.uint8))
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

@@ -1,14 +1,20 @@
-"""Data sources and the stratified split: every source ends as uint8 tensors.
+"""Data sources and the stratified split: every source ends as uint8 arrays.
 
-Each source returns images in its native size and channels; `conform` brings
-them to the configured channels and side length, and `stratified_split` makes
-a seeded per-class split, so a source is the only thing a new dataset needs.
+Each source lists its items (in-memory images, or image files) with their
+labels; `decoded` reads and `conform`s them to the configured channels and
+side length in order, with a pool of worker processes for files, and
+`stratified_split` makes a seeded per-class split, so a source is the only
+thing a new dataset needs. Nothing here holds more than a window of decoded
+images, so a source may be larger than RAM.
 """
 
 from __future__ import annotations
 
+import collections
 import gzip
-from dataclasses import dataclass, field
+import multiprocessing
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -18,17 +24,18 @@ import torch.nn.functional as F
 
 from up.errors import StageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
 
 @dataclass
 class RawData:
-    """Images of one source, before conversion: a list, since sizes may differ."""
+    """The items of one source, before decoding and conversion.
 
-    images: list[torch.Tensor]  # uint8 (C, H, W) each
+    An item is a uint8 (C, H, W) tensor (small sources that come as one
+    array) or the path of an image file (imagefolder: decoded by `decoded`).
+    """
+
+    items: list[torch.Tensor] | list[Path]
     labels: torch.Tensor  # int64 (N,)
     classes: list[str]
-    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 def _from_array(array: np.ndarray, labels: np.ndarray, classes: list[str]) -> RawData:
@@ -82,32 +89,89 @@ def load_torchvision(name: str, root: Path, download: bool) -> RawData:
 
 
 def load_imagefolder(root: Path) -> RawData:
-    """root/<class>/<image>: unreadable files are reported and skipped, never used."""
-    from PIL import Image, UnidentifiedImageError
-
+    """root/<class>/<image>: the files are listed here and decoded by `decoded`."""
     if not root.is_dir():
         raise StageError(f"imagefolder: data.root {root} is not a folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise StageError(f"imagefolder: {root} has no class sub-folders")
-    images, labels, skipped = [], [], []
+    items, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        kept = 0
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            try:
-                with Image.open(path) as img:
-                    img.load()
-                    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                skipped.append({"path": str(path), "reason": f"{type(exc).__name__}: {exc}"})
-                continue
-            images.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
-            labels.append(label)
-            kept += 1
-        if kept == 0:
-            raise StageError(f"imagefolder: class folder {class_dir} has no readable image")
-    return RawData(images, torch.tensor(labels, dtype=torch.int64),
-                   [d.name for d in class_dirs], skipped)
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        if not files:
+            raise StageError(f"imagefolder: class folder {class_dir} has no image file")
+        items += files
+        labels += [label] * len(files)
+    return RawData(items, torch.tensor(labels, dtype=torch.int64), [d.name for d in class_dirs])
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """One image file as uint8 (3, H, W); raises on an unreadable or corrupt file."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+DecodeResult = tuple[np.ndarray | None, str | None]  # (conformed image, or why it was skipped)
+
+
+def _decode(item: torch.Tensor | Path, channels: int, size: int, fit: str) -> DecodeResult:
+    from PIL import UnidentifiedImageError
+
+    try:
+        image = read_image(item) if isinstance(item, Path) else item
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return conform(image, channels, size, fit).numpy(), None
+
+
+def _decode_batch(args: tuple[list, int, int, str]) -> list[DecodeResult]:
+    items, channels, size, fit = args
+    return [_decode(item, channels, size, fit) for item in items]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # parallelism comes from the processes
+
+
+def decoded(raw: RawData, channels: int, size: int, fit: str, workers: int = 1,
+            window: int = 64) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(item number, conformed uint8 (channels, size, size) image or None, skip reason) in
+    item order. Files are decoded by ``workers`` processes, at most a few windows of
+    images in flight, so memory does not grow with the number of items."""
+    batches = ((raw.items[i:i + window], channels, size, fit)
+               for i in range(0, len(raw.items), window))
+    if workers <= 1 or not raw.items or not isinstance(raw.items[0], Path):
+        results = map(_decode_batch, batches)
+        yield from _numbered(results)
+        return
+    ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
+    with ctx.Pool(workers, initializer=_worker_init) as pool:
+        yield from _numbered(_bounded_imap(pool, batches, ahead=4 * workers))
+
+
+def _bounded_imap(pool, jobs: Iterator, ahead: int) -> Iterator:
+    """``pool.imap`` that submits at most ``ahead`` jobs beyond the one being consumed
+    (imap itself would queue every job at once)."""
+    pending: collections.deque = collections.deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_decode_batch, (job,)))
+        if len(pending) > ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _numbered(results: Iterator[list[DecodeResult]]
+              ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    number = 0
+    for batch in results:
+        for image, reason in batch:
+            yield number, image, reason
+            number += 1
 
 
 def load_source(source: str, root: str | Path = "data/raw", download: bool = False) -> RawData:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from up.errors import StageError
-from up.io import load_torch
+from up.splits import load_token_arrays, token_path
 from up.tokenizer import MultiScaleVQVAE, split_indices
 from up.transformer import VAR
 
@@ -69,14 +69,17 @@ class TokenSplit:
                 self.indices[ids].long().to(device))
 
 
-def load_token_split(path: str | Path, tokenizer: MultiScaleVQVAE, device: torch.device,
-               cache_bytes: int = CACHE_BYTES) -> TokenSplit:
-    saved = load_torch(path, "token cache")
-    if list(saved["patch_nums"]) != list(tokenizer.patch_nums):
-        raise StageError(f"{path} was tokenized with patch_nums {list(saved['patch_nums'])}, the "
-                         f"tokenizer has {list(tokenizer.patch_nums)}: rerun the tokenize stage")
-    inputs = TeacherForcing(tokenizer, saved["indices"], device, cache_bytes)
-    return TokenSplit(saved["indices"], saved["labels"].long(), list(saved["classes"]), inputs)
+def load_token_split(root: str | Path, name: str, tokenizer: MultiScaleVQVAE,
+                     device: torch.device, cache_bytes: int = CACHE_BYTES) -> TokenSplit:
+    """Split ``name`` of the token cache in ``root``: indices memory-mapped (every DDP
+    rank reads the same pages), checked against the tokenizer's scales."""
+    saved = load_token_arrays(root, name)
+    if saved.patch_nums != list(tokenizer.patch_nums):
+        raise StageError(f"{token_path(root, name)} was tokenized with patch_nums "
+                         f"{saved.patch_nums}, the tokenizer has {list(tokenizer.patch_nums)}: "
+                         "rerun the tokenize stage")
+    inputs = TeacherForcing(tokenizer, saved.indices, device, cache_bytes)
+    return TokenSplit(saved.indices, saved.labels.long(), saved.classes, inputs)
 
 
 def fixed_subset(n: int, k: int) -> torch.Tensor:

@@ -316,8 +316,8 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     cfg, variant = params.train, params.variant(name)
     device = _device(params, ctx)
     tokenizer = load_tokenizer(paths.tokenizer, device)
-    data = load_token_split(paths.tokens / "train.pt", tokenizer, device)
-    val = load_token_split(paths.tokens / "val.pt", tokenizer, device)
+    data = load_token_split(paths.tokens, "train", tokenizer, device)
+    val = load_token_split(paths.tokens, "val", tokenizer, device)
     fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
                                       params.seed)
 
@@ -551,8 +551,8 @@ def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> 
     cfg = params.train
     device = _device(params, Dist())
     tokenizer = load_tokenizer(paths.tokenizer, device)
-    data = load_token_split(paths.tokens / "train.pt", tokenizer, device)
-    val = load_token_split(paths.tokens / "val.pt", tokenizer, device)
+    data = load_token_split(paths.tokens, "train", tokenizer, device)
+    val = load_token_split(paths.tokens, "val", tokenizer, device)
     fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
                                       params.seed)
     saved = load_torch(paths.teacher, "teacher checkpoint")
