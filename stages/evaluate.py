@@ -43,6 +43,7 @@ from up.selective import (
     selective_statistics,
     stratified_curves,
 )
+from up.splits import load_image_split
 from up.tokenizer import load_tokenizer
 from up.tokens import load_token_split, predict
 from up.transformer import load_var_and_temperatures
@@ -78,7 +79,7 @@ def run(params: Params, variant: str, seed: int) -> None:
     plots = paths.eval_plots(variant, seed)
 
     samples = load_torch(paths.samples(variant, seed) / "samples.pt", "samples")
-    test = load_torch(paths.split(paths.PREPARED, "test"), "prepared test split")
+    test = vars(load_image_split(paths.PREPARED, "test"))  # TODO(lead): attribute access
     gen, labels, real = samples["images"], samples["labels"], test["images"]
     smallest = kept_count(len(gen), min(ev.selective_fractions))
     if smallest <= ev.pr_neighborhood:

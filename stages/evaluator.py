@@ -5,24 +5,25 @@ from __future__ import annotations
 from up import paths
 from up.config import Params
 from up.evaluator import accuracy, save_evaluator, train_evaluator
-from up.io import load_torch, save_json
+from up.io import save_json
 from up.runtime import resolve_device
+from up.splits import load_image_split
 
 
 def run(params: Params) -> None:
     cfg = params.evaluator
     device = resolve_device(params.device)
-    train = load_torch(paths.split(paths.PREPARED, "train"), "prepared train split")
-    test = load_torch(paths.split(paths.PREPARED, "test"), "prepared test split")
-    num_classes = len(train["classes"])
-    model = train_evaluator(train["images"], train["labels"], num_classes, widths=cfg.widths,
+    train = load_image_split(paths.PREPARED, "train")
+    test = load_image_split(paths.PREPARED, "test")
+    num_classes = len(train.classes)
+    model = train_evaluator(train.images, train.labels, num_classes, widths=cfg.widths,
                             feature_dim=cfg.feature_dim, feature_scale=cfg.feature_scale,
                             steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                             seed=params.seed, device=device)
-    train_acc = accuracy(model, train["images"], train["labels"], device)
-    test_acc = accuracy(model, test["images"], test["labels"], device)
-    save_evaluator(model.cpu(), paths.EVALUATOR, classes=train["classes"], seed=params.seed)
+    train_acc = accuracy(model, train.images, train.labels, device)
+    test_acc = accuracy(model, test.images, test.labels, device)
+    save_evaluator(model.cpu(), paths.EVALUATOR, classes=train.classes, seed=params.seed)
     save_json({"train_accuracy": train_acc, "test_accuracy": test_acc,
-               "feature_multiplier": model.feature_multiplier, "n_train": len(train["labels"]),
-               "n_test": len(test["labels"]), "seed": params.seed}, paths.metrics("evaluator"))
-    print(f"evaluator: test accuracy {test_acc:.4f} on {len(test['labels'])} images")
+               "feature_multiplier": model.feature_multiplier, "n_train": len(train),
+               "n_test": len(test), "seed": params.seed}, paths.metrics("evaluator"))
+    print(f"evaluator: test accuracy {test_acc:.4f} on {len(test)} images")

@@ -26,11 +26,12 @@ from up.errors import StageError
 from up.evaluator import evaluator_outputs, load_evaluator
 from up.fidelity import SubsetQuality, config_from_params, extract_features
 from up.frontier import sweep_path
-from up.io import load_torch, save_json
+from up.io import save_json
 from up.paths import EVALUATOR, PREPARED, TOKENIZER, model, run_tag
 from up.runtime import resolve_device
 from up.sampling import sample_many
 from up.selective import class_accuracy, on_class_diversity
+from up.splits import load_image_split
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
 
@@ -51,7 +52,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         raise StageError(f"{len(labels)} samples per guidance value; precision/recall needs more "
                          f"than evaluate.pr_neighborhood={ev.pr_neighborhood} (raise sweep.n_per_class)")
 
-    test = load_torch(PREPARED / "test.pt", "prepared test split")
+    test = vars(load_image_split(PREPARED, "test"))  # TODO(lead): attribute access
     config = config_from_params(ev, str(EVALUATOR), device.type == "cuda", seed)
     quality = SubsetQuality(extract_features(test["images"], config), config)
     evaluator = load_evaluator(EVALUATOR).to(device)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import up.splits
 from up import paths
 from up.config import Params
 from up.errors import StageError
@@ -30,10 +31,7 @@ MODEL = paths.TOKENIZER
 
 
 def load_image_split(name: str) -> dict:
-    path = paths.split(paths.PREPARED, name)
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the prepare stage first")
-    return load_torch(path, f"{name} split")
+    return vars(up.splits.load_image_split(paths.PREPARED, name))  # TODO(lead): ImageSplit
 
 
 def given_tokenizer(path: Path, tp, channels: int):
