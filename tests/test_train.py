@@ -17,6 +17,7 @@ from tests.project import (
     train_tiny,
 )
 from up.config import Params
+from up.distributed import Dist
 from up.errors import StageError
 from up.io import load_torch
 from up.runtime import setup
@@ -303,3 +304,21 @@ def test_init_from_starts_from_given_weights_and_checks_shapes(project):
                                  transformer={"width": 64}))
     with pytest.raises(StageError, match="width: file 32 vs params 64"):
         build_run(wider, "ls", 0, run_paths(project, "ft2.pt"))
+
+
+def test_token_sample_respects_the_size_per_scale():
+    from up.train import token_sample
+
+    ids = torch.arange(100, 110)
+    sample = token_sample(ids, [1, 2, 4], per_scale=12, seed=3)
+    starts = [0, 1, 5, 21]
+    taken = [int(sample.mask[:, a:b].sum()) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert taken == [10, 12, 12]  # 10 tokens of the 1x1 scale exist: all of them
+    assert set(sample.ids.tolist()) <= set(ids.tolist()) and bool(sample.mask.any(1).all())
+    again = token_sample(ids, [1, 2, 4], per_scale=12, seed=3)
+    assert torch.equal(again.mask, sample.mask) and torch.equal(again.ids, sample.ids)
+    assert not torch.equal(token_sample(ids, [1, 2, 4], 12, seed=4).mask, sample.mask)
+    everything = token_sample(ids, [1, 2, 4], per_scale=0, seed=3)
+    assert torch.equal(everything.ids, ids) and bool(everything.mask.all())
+    halves = [everything.shard(Dist(rank, 2)) for rank in (0, 1)]
+    assert torch.equal(torch.cat([h.ids for h in halves]), ids)

@@ -47,3 +47,10 @@ def distributed(device_type: str) -> Iterator[Dist]:
 def reseed_rank(seed: int, step: int, rank: int) -> None:
     """Give each rank its own random stream (drop-path masks) from (seed, step, rank)."""
     torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` summed over every process (moved to ``device`` for nccl), on the CPU."""
+    summed = tensor.to(device)
+    dist.all_reduce(summed)
+    return summed.cpu()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -484,9 +485,10 @@ def build_token_loss(kind: str, *, code_to_cluster: torch.Tensor | None = None,
 # Temperature scaling per scale
 
 
-def _nll_slopes(logits: torch.Tensor, squares: torch.Tensor, target_logits: torch.Tensor,
-                beta: float, chunk: int = 4096) -> tuple[float, float]:
-    """First and second derivative in beta of the mean NLL of softmax(beta z).
+def _nll_slope_sums(logits: torch.Tensor, squares: torch.Tensor, target_logits: torch.Tensor,
+                    beta: float, chunk: int = 4096) -> tuple[float, float]:
+    """Sums over the tokens of the first and second derivative in beta of the NLL of
+    softmax(beta z).
 
     The NLL is a log-partition minus a linear term in beta, so its
     derivatives are moments of q = softmax(beta z): E_q[z] - z_y and Var_q[z].
@@ -499,13 +501,17 @@ def _nll_slopes(logits: torch.Tensor, squares: torch.Tensor, target_logits: torc
         slope += float((mean - target_logits[start:start + chunk]).sum())
         second = torch.linalg.vecdot(q, squares[start:start + chunk])
         curvature += float((second - mean.square()).sum())
-    return slope / logits.shape[0], curvature / logits.shape[0]
+    return slope, curvature
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a float64 tensor over processes
 
 
 @torch.no_grad()
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1.0,
                     max_iter: int = 100, tol: float = 1e-7,
-                    bounds: tuple[float, float] = (0.01, 100.0)) -> float:
+                    bounds: tuple[float, float] = (0.01, 100.0),
+                    reduce: Reduce | None = None) -> float:
     """The T in ``bounds`` minimising the NLL of softmax(logits / T).
 
     Newton on beta = 1/T, safeguarded by bisection: the NLL is convex in beta,
@@ -513,17 +519,28 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, init: float = 1
     the bracket is replaced by its geometric midpoint. Each iteration is one
     pass over the logits; from a warm start it converges in a few. An
     all-correct slice has no interior minimum (T -> 0): T stops at its bound.
+
+    With ``reduce`` the tokens are spread over processes: each iteration sums
+    the two derivatives and the token count over them (three numbers), so no
+    logits move and every process takes the same steps to the same T.
     """
-    if logits.shape[0] == 0:
-        raise ValueError("no tokens to fit a temperature on")
     logits = logits.double()  # float64 sums over many tokens; held for the whole fit
     squares = logits.square()
     target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+    def slopes(beta: float) -> tuple[float, float]:
+        sums = torch.tensor([*_nll_slope_sums(logits, squares, target_logits, beta),
+                             float(logits.shape[0])], dtype=torch.float64)
+        slope, curvature, count = (sums if reduce is None else reduce(sums)).tolist()
+        if count == 0:
+            raise ValueError("no tokens to fit a temperature on")
+        return slope / count, curvature / count
+
     beta_min, beta_max = 1.0 / bounds[1], 1.0 / bounds[0]
     lo, hi = beta_min, beta_max  # bracket of the minimum
     beta = min(max(1.0 / init, beta_min), beta_max)
     for _ in range(max_iter):
-        slope, curvature = _nll_slopes(logits, squares, target_logits, beta)
+        slope, curvature = slopes(beta)
         if slope > 0:
             hi = beta
         elif slope < 0:
@@ -549,16 +566,22 @@ class TemperatureCalibrator:
         self.temperatures = torch.ones(num_scales, dtype=torch.float64)
 
     @torch.no_grad()
-    def fit(self, logits: torch.Tensor, targets: torch.Tensor,
-            scale_of_token: torch.Tensor) -> torch.Tensor:
-        """logits (N, V), targets (N,), scale_of_token (N,) -> temperatures (K,)."""
+    def fit(self, logits: torch.Tensor, targets: torch.Tensor, scale_of_token: torch.Tensor,
+            reduce: Reduce | None = None) -> torch.Tensor:
+        """logits (N, V), targets (N,), scale_of_token (N,) -> temperatures (K,).
+
+        ``reduce``: the tokens are spread over processes (see `fit_temperature`);
+        a scale is fitted when any process holds tokens of it."""
         logits = logits.reshape(-1, logits.shape[-1])
         targets, scale_of_token = targets.reshape(-1), scale_of_token.reshape(-1)
+        counts = torch.bincount(scale_of_token.cpu(), minlength=self.temperatures.numel()).double()
+        counts = counts if reduce is None else reduce(counts)
         for s in range(self.temperatures.numel()):
-            mask = scale_of_token == s
-            if mask.any():
+            if counts[s] > 0:
+                mask = scale_of_token == s
                 self.temperatures[s] = fit_temperature(logits[mask], targets[mask],
-                                                       init=float(self.temperatures[s]))
+                                                       init=float(self.temperatures[s]),
+                                                       reduce=reduce)
         return self.temperatures.clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

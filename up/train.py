@@ -27,6 +27,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from up import paths
 from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.config import Params
-from up.distributed import Dist, reseed_rank
+from up.distributed import Dist, all_reduce_sum, reseed_rank
 from up.errors import StageError
 from up.io import load_torch
 from up.loop import StepLoop, check_finite
@@ -171,14 +172,63 @@ def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: i
     return scores
 
 
-def fit_scale_temperatures(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: int,
-                           bf16: bool, calibrator: TemperatureCalibrator) -> torch.Tensor:
-    """One temperature per scale fitted on the items ``ids`` (current weights, true
-    labels): the calibrated reference's refits, the teacher's and `ts`'s one fit."""
-    logits, targets = zip(*predict(model, split, ids, batch_size, bf16), strict=True)
-    logits, targets = torch.cat(logits), torch.cat(targets)
-    scales = model.scale_ids.expand_as(targets)
-    return calibrator.fit(logits.flatten(0, 1), targets.flatten(), scales.flatten())
+@dataclass(frozen=True)
+class TokenSample:
+    """The tokens temperatures are fitted on: ``mask`` (m, L) marks the chosen
+    positions of the images ``ids`` (m,)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def shard(self, ctx: Dist) -> TokenSample:
+        """This process's contiguous 1/world of the images."""
+        per = -(-len(self.ids) // ctx.world)
+        part = slice(ctx.rank * per, (ctx.rank + 1) * per)
+        return TokenSample(self.ids[part], self.mask[part])
+
+
+def token_sample(ids: torch.Tensor, patch_nums, per_scale: int, seed: int) -> TokenSample:
+    """At most ``per_scale`` tokens of every scale among the images ``ids``, drawn
+    once from ``seed`` (0: every token).
+
+    Temperature fits hold the logits of what they fit on (V floats per token):
+    on ImageNet's 5 % slice that is ~680 GB for every token, ~3 GB per scale
+    for a 200k sample, whose fitted temperature differs from the full one by
+    sampling noise of order 1/sqrt(200k)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for p in patch_nums:
+        count = len(ids) * p * p
+        block = torch.ones(count, dtype=torch.bool)
+        if 0 < per_scale < count:
+            block.zero_()[torch.randperm(count, generator=gen)[:per_scale]] = True
+        blocks.append(block.view(len(ids), p * p))
+    mask = torch.cat(blocks, 1)
+    used = mask.any(1)
+    return TokenSample(ids[used], mask[used])
+
+
+def fit_scale_temperatures(model: VAR, split: TokenSplit, sample: TokenSample, batch_size: int,
+                           bf16: bool, calibrator: TemperatureCalibrator,
+                           ctx: Dist = Dist()) -> torch.Tensor:
+    """One temperature per scale fitted on ``sample`` (current weights, true labels):
+    the calibrated reference's refits, the teacher's and `ts`'s one fit. Under DDP
+    every process predicts its shard of the images and keeps only the sampled
+    tokens' logits; the fit sums its statistics over processes (`fit_temperature`)."""
+    mine = sample.shard(ctx)
+    logits, targets, scales, done = [], [], [], 0
+    for batch_logits, batch_targets in predict(model, split, mine.ids, batch_size, bf16):
+        keep = mine.mask[done:done + len(batch_targets)].to(batch_targets.device)
+        logits.append(batch_logits[keep])
+        targets.append(batch_targets[keep])
+        scales.append(model.scale_ids.expand_as(batch_targets)[keep])
+        done += len(batch_targets)
+    vocab = model.vocab_size
+    logits = torch.cat(logits) if logits else torch.zeros(0, vocab, device=model.scale_ids.device)
+    targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    scales = torch.cat(scales) if scales else torch.zeros(0, dtype=torch.long)
+    reduce = None if ctx.world == 1 else partial(all_reduce_sum, device=logits.device)
+    return calibrator.fit(logits, targets.to(logits.device), scales.to(logits.device), reduce)
 
 
 # --------------------------------------------------------------------------
@@ -195,10 +245,14 @@ def resolved_params(params: Params, name: str, seed: int) -> dict[str, Any]:
     return settings
 
 
-def _digest(*tensors: torch.Tensor) -> str:
+def _digest(*tensors: torch.Tensor, chunk: int = 1 << 24) -> str:
+    """SHA-256 of the tensors' bytes, read a chunk at a time: a memory-mapped token
+    split is hashed without a copy of it in memory."""
     sha = hashlib.sha256()
     for t in tensors:
-        sha.update(t.detach().cpu().contiguous().numpy().tobytes())
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            sha.update(flat[start:start + chunk].cpu().contiguous().numpy())
     return sha.hexdigest()
 
 
@@ -272,7 +326,7 @@ class Run:
     data: TokenSplit
     val: TokenSplit
     fit_ids: torch.Tensor
-    calib_ids: torch.Tensor
+    calib: TokenSample
     batches: StepBatches
     weights: torch.Tensor  # per-position token weights (L,)
     fingerprint: dict[str, Any]
@@ -290,24 +344,49 @@ def _device(params: Params, ctx: Dist) -> torch.device:
     return torch.device("cuda", ctx.local_rank) if device.type == "cuda" else device
 
 
-def _reference(variant, paths: RunPaths, data: TokenSplit, calib_ids: torch.Tensor,
-               fit_ids: torch.Tensor, cfg, device: torch.device) -> Reference | None:
+@dataclass
+class TokenData:
+    """The token splits of a run and the images it trains and calibrates on."""
+
+    data: TokenSplit
+    val: TokenSplit
+    fit_ids: torch.Tensor
+    calib: TokenSample  # the calibration slice's token sample
+
+    def nonempty_calib(self) -> TokenSample:
+        if len(self.calib.ids) == 0:
+            raise StageError("this variant fits temperatures on the calibration slice, but "
+                             "train.calib_fraction = 0 holds none out: set it > 0")
+        return self.calib
+
+
+def _token_data(params: Params, paths: RunPaths, tokenizer, device: torch.device) -> TokenData:
+    cfg = params.train
+    data = load_token_split(paths.tokens, "train", tokenizer, device)
+    val = load_token_split(paths.tokens, "val", tokenizer, device)
+    fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
+                                      params.seed)
+    calib = token_sample(calib_ids, tokenizer.patch_nums, cfg.calib_tokens, params.seed)
+    return TokenData(data, val, fit_ids, calib)
+
+
+def _fit_teacher(path: Path, tokens: TokenData, cfg, device: torch.device,
+                 ctx: Dist) -> tuple[VAR, torch.Tensor]:
+    """The teacher model and its per-scale temperatures on the calibration sample."""
+    teacher = load_var(path).to(device)
+    temps = fit_scale_temperatures(teacher, tokens.data, tokens.nonempty_calib(), cfg.batch_size,
+                                   cfg.bf16, TemperatureCalibrator(len(teacher.patch_nums)), ctx)
+    return teacher, temps
+
+
+def _reference(variant, paths: RunPaths, tokens: TokenData, cfg, device: torch.device,
+               ctx: Dist) -> Reference | None:
     kind = getattr(variant, "reference", None)
     if kind == "teacher":
-        teacher = load_var(paths.teacher).to(device)
-        temps = fit_scale_temperatures(teacher, data, _nonempty(calib_ids), cfg.batch_size,
-                                       cfg.bf16, TemperatureCalibrator(len(teacher.patch_nums)))
-        return TeacherReference(teacher, temps)
+        return TeacherReference(*_fit_teacher(paths.teacher, tokens, cfg, device, ctx))
     if kind == "empirical":
-        return EmpiricalTableReference.load(paths.reference, fit_ids, device)
+        return EmpiricalTableReference.load(paths.reference, tokens.fit_ids, device)
     return None
-
-
-def _nonempty(calib_ids: torch.Tensor) -> torch.Tensor:
-    if len(calib_ids) == 0:
-        raise StageError("this variant fits temperatures on the calibration slice, but "
-                         "train.calib_fraction = 0 holds none out: set it > 0")
-    return calib_ids
 
 
 def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist = Dist()) -> Run:
@@ -316,18 +395,16 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     cfg, variant = params.train, params.variant(name)
     device = _device(params, ctx)
     tokenizer = load_tokenizer(paths.tokenizer, device)
-    data = load_token_split(paths.tokens, "train", tokenizer, device)
-    val = load_token_split(paths.tokens, "val", tokenizer, device)
-    fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
-                                      params.seed)
+    tokens = _token_data(params, paths, tokenizer, device)
+    data, val, fit_ids = tokens.data, tokens.val, tokens.fit_ids
 
     model = VAR(tokenizer.vocab_size, tokenizer.latent_channels, tokenizer.patch_nums,
                 len(data.classes), **params.transformer.model_dump()).to(device)
     loss_fn = build_loss(variant, paths.tokenizer, model.scale_ids).to(device)
-    reference = _reference(variant, paths, data, calib_ids, fit_ids, cfg, device)
+    reference = _reference(variant, paths, tokens, cfg, device, ctx)
     calibrator = None
     if loss_fn.needs_calibration:
-        _nonempty(calib_ids)
+        tokens.nonempty_calib()
         calibrator = TemperatureCalibrator(len(model.patch_nums))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
@@ -336,12 +413,14 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     fingerprint = {**resolved_params(params, name, seed), "data": _digest(
         data.indices, data.labels, val.indices, val.labels, fit_ids, *tokenizer.state_dict().values(),
         *loss_fn.buffers(), *(reference.tensors() if reference is not None else ()))}
-    for key in ("save_every", "log_every"):
-        fingerprint["train"].pop(key)  # they change no result
-    del fingerprint["threads"], fingerprint["device"]  # a resumed run may use others
+    # How a run is launched is not what it computes: a run checkpointed on one process
+    # resumes on eight, with other threads, devices, precision or compilation.
+    for key in ("save_every", "log_every", "bf16", "compile"):
+        fingerprint["train"].pop(key)
+    del fingerprint["threads"], fingerprint["device"]
 
     run = Run(name, seed, cfg, device, ctx, model, model, ema, optimizer, loss_fn, reference,
-              calibrator, data, val, fit_ids, calib_ids,
+              calibrator, data, val, fit_ids, tokens.calib,
               StepBatches(len(fit_ids), cfg.batch_size, seed, ctx.rank, ctx.world),
               token_weights(model.scale_ids, cfg.token_weighting), fingerprint,
               calib_every=getattr(variant, "calib_every", 0))
@@ -415,13 +494,11 @@ def _save(run: Run, checkpoint: Path) -> None:
 
 
 def _refit(run: Run) -> None:
-    """The calibrated reference's temperatures, refitted by rank 0 and broadcast."""
-    if run.ctx.main:
-        temps = fit_scale_temperatures(run.model, run.data, run.calib_ids, run.cfg.batch_size,
-                                       run.cfg.bf16, run.calibrator)
-        run.loss_fn.temperatures.copy_(temps)
-    if run.ctx.world > 1:
-        dist.broadcast(run.loss_fn.temperatures, 0)
+    """The calibrated reference's temperatures, refitted on the calibration sample
+    (every process predicts its shard; all reach the same temperatures)."""
+    temps = fit_scale_temperatures(run.model, run.data, run.calib, run.cfg.batch_size,
+                                   run.cfg.bf16, run.calibrator, run.ctx)
+    run.loss_fn.temperatures.copy_(temps)
 
 
 def train_step(run: Run, checkpoint: Path) -> tuple[dict[str, float], float]:
@@ -550,15 +627,11 @@ def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> 
     fitted on the calibration slice (the images no variant trains on)."""
     cfg = params.train
     device = _device(params, Dist())
-    tokenizer = load_tokenizer(paths.tokenizer, device)
-    data = load_token_split(paths.tokens, "train", tokenizer, device)
-    val = load_token_split(paths.tokens, "val", tokenizer, device)
-    fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
-                                      params.seed)
-    saved = load_torch(paths.teacher, "teacher checkpoint")
-    model = load_var(paths.teacher).to(device)
-    temps = fit_scale_temperatures(model, data, _nonempty(calib_ids), cfg.batch_size, cfg.bf16,
-                                   TemperatureCalibrator(len(model.patch_nums))).float()
+    tokens = _token_data(params, paths, load_tokenizer(paths.tokenizer, device), device)
+    data, val, fit_ids = tokens.data, tokens.val, tokens.fit_ids
+    model, temps = _fit_teacher(paths.teacher, tokens, cfg, device, Dist())
+    temps = temps.float()
+    saved = load_torch(paths.teacher, "teacher checkpoint")  # written out with its temperatures
     metrics = {"variant": name, "seed": seed, "teacher": str(paths.teacher),
                "parameters": model.num_parameters(), "train_images": len(fit_ids),
                **evaluate_tokens(model, data, val, fit_ids, cfg.batch_size, cfg.bf16, temps),
