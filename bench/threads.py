@@ -1,0 +1,114 @@
+"""What one other busy process does to a training stage's speed, per thread setting.
+
+Usage (from the project root, on an otherwise idle machine):
+
+    python bench/threads.py [--steps 20] [--rounds 2]
+
+Times `ce` training steps of params.yaml's transformer (random tokens, the
+default batch) in a fresh process per setting, each once on the idle machine
+and once next to one busy process (a pure-Python spin loop, like a browser
+tab or a second experiment taking a core):
+
+- ``threads 2``: torch's intra-op pool on both cores, OpenMP's default waiting;
+- ``threads 2 passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle
+  OpenMP threads sleep instead of spinning);
+- ``threads 1``: one intra-op thread.
+
+Settings are interleaved over ``--rounds`` so drifting load hits all alike;
+the table reports the median step time and the slowdown busy / idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {"threads 2": (2, {}), "threads 2 passive": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+            "threads 1": (1, {})}
+
+
+def worker(threads: int, steps: int) -> None:
+    """Print the median ms of ``steps`` timed ce training steps (after 3 untimed)."""
+    import torch
+    import torch.nn.functional as F
+
+    from up.config import load_params
+    from up.runtime import setup
+    from up.transformer import VAR
+
+    params = load_params()
+    setup(0, threads)
+    tp, batch = params.tokenizer, params.train.batch_size
+    model = VAR(tp.vocab_size, tp.latent_channels, tp.patch_nums, 10,
+                **params.transformer.model_dump())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.randint(0, 10, (batch,))
+    inputs = torch.randn(batch, model.seq_len - model.first_l, tp.latent_channels)
+    targets = torch.randint(0, tp.vocab_size, (batch, model.seq_len))
+    times = []
+    for step in range(steps + 3):
+        started = time.perf_counter()
+        loss = F.cross_entropy(model(labels, inputs).transpose(1, 2), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= 3:
+            times.append(time.perf_counter() - started)
+    print(f"{1000 * statistics.median(times):.1f}")
+
+
+def measure(name: str, steps: int, busy: bool) -> float:
+    threads, extra = SETTINGS[name]
+    env = {**os.environ, **extra}
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        done = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--steps",
+                               str(steps)], env=env, capture_output=True, text=True, check=True)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("threads.md"))
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.worker, args.steps)
+        return
+
+    results: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(args.rounds):
+        for busy in (False, True):
+            for name in SETTINGS:
+                ms = measure(name, args.steps, busy)
+                results.setdefault((name, busy), []).append(ms)
+                print(f"{name:18s} {'busy' if busy else 'idle'}: {ms:.1f} ms/step", flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), "unknown CPU")
+    lines = ["# Training step time next to one busy process", "",
+             f"`python bench/threads.py --steps {args.steps} --rounds {args.rounds}` on {cpu} "
+             f"({os.cpu_count()} cores); default transformer and batch of params.yaml, ce loss; "
+             "median over rounds of each run's median step.", "",
+             "| setting | idle ms/step | busy ms/step | busy / idle |", "|---|---|---|---|"]
+    for name in SETTINGS:
+        idle = statistics.median(results[(name, False)])
+        busy = statistics.median(results[(name, True)])
+        lines.append(f"| {name} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f} |")
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
