@@ -8,13 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from up.config import Params
 from up.io import save_torch
 from up.runtime import setup
-from up.splits import array_writer, save_token_labels, save_token_meta, token_path
+from up.splits import (
+    array_writer,
+    save_split_index,
+    save_token_labels,
+    save_token_meta,
+    token_path,
+)
 from up.tokenizer import MultiScaleVQVAE
 from up.train import RunPaths, build_run, finish, train
 
@@ -102,6 +109,18 @@ def make_project(root, n_train=40, n_val=12):
         save_tokens(root / "data" / "tokens", split, indices.to(torch.uint8), labels,
                     [str(c) for c in range(CLASSES)], PATCH_NUMS)
     return root
+
+
+def save_prepared(root, splits: dict, classes: list[str]) -> None:
+    """Prepared image splits {name: (uint8 images, labels)} in the prepare stage's layout."""
+    images = torch.cat([x for x, _ in splits.values()])
+    with array_writer(root / "images.npy", tuple(images.shape), np.uint8) as out:
+        out.write(0, images.numpy())
+    rows, start = {}, 0
+    for name, (x, _) in splits.items():
+        rows[name], start = np.arange(start, start + len(x)), start + len(x)
+    labels = torch.cat([y for _, y in splits.values()])
+    save_split_index(root, rows, labels.numpy(), classes)
 
 
 def save_tokens(root, split, indices, labels, classes, patch_nums):

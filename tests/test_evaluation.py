@@ -40,7 +40,7 @@ def digits():
     """sklearn's 8x8 digits, shuffled (the file is ordered by writer), cut into an
     evaluator training set and two disjoint held-out sets of the same distribution."""
     raw = load_digits()
-    images, labels = torch.stack(raw.images), raw.labels
+    images, labels = torch.stack(raw.items), raw.labels
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
     parts = perm[:897], perm[897:1347], perm[1347:]
     return [(images[p], labels[p]) for p in parts]
@@ -262,7 +262,7 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     import yaml
 
     from stages import evaluate as stage
-    from tests.project import ROOT
+    from tests.project import ROOT, save_prepared
     from up.config import load_params
     from up.io import save_torch
 
@@ -282,7 +282,8 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
             for m in ("entropy", "dispersion", "semantic_entropy", "cond_entropy", "surprisal")}
     save_torch({"images": images, "labels": labels, "seed": 0,
                 "uncertainty": {"maps": maps}}, tmp_path / "samples/ce-s0/samples.pt")
-    save_torch({"images": real_x, "labels": real_y}, tmp_path / "data/prepared/test.pt")
+    save_prepared(tmp_path / "data/prepared", {"test": (real_x, real_y)},
+                  [str(c) for c in range(10)])
     (tmp_path / "models").mkdir()
     (tmp_path / "models/evaluator.pt").write_bytes(evaluator_path.read_bytes())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

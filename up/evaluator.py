@@ -11,6 +11,7 @@ invariant, and raw features of a small CNN gave meaningless KID values.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,19 @@ class Evaluator(nn.Module):
 
 
 @torch.no_grad()
+def _batch_outputs(model: Evaluator, images: torch.Tensor, batch_size: int,
+                   device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, logits) on the CPU, batch by batch: a split is never one tensor."""
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        f, z = model(images[start:start + batch_size].to(device))
+        yield f.float().cpu(), z.float().cpu()
+
+
 def evaluator_outputs(model: Evaluator, images: torch.Tensor, batch_size: int = 256,
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of a uint8 image set, computed in batches, returned on the CPU."""
-    model.eval()
-    features, logits = [], []
-    for start in range(0, len(images), batch_size):
-        f, z = model(images[start:start + batch_size].to(device))
-        features.append(f.float().cpu())
-        logits.append(z.float().cpu())
+    features, logits = zip(*_batch_outputs(model, images, batch_size, device), strict=True)
     return torch.cat(features), torch.cat(logits)
 
 
@@ -64,11 +69,14 @@ def feature_multiplier(model: Evaluator, images: torch.Tensor, target_rms: float
                        device: torch.device | str = "cpu") -> float:
     """The constant that gives the features of ``images`` an RMS entry of ``target_rms``."""
     saved, model.feature_multiplier = model.feature_multiplier, 1.0
+    squares, count = 0.0, 0
     try:
-        raw, _ = evaluator_outputs(model, images, device=device)
+        for raw, _ in _batch_outputs(model, images, 256, device):
+            squares += float(raw.double().square().sum())
+            count += raw.numel()
     finally:
         model.feature_multiplier = saved
-    rms = raw.double().pow(2).mean().sqrt().item()
+    rms = (squares / count) ** 0.5
     if rms == 0.0:
         raise StageError("evaluator features are all zero on the train split (dead ReLUs): "
                          "lower evaluator.lr and rerun")
@@ -116,8 +124,11 @@ def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 def accuracy(model: Evaluator, images: torch.Tensor, labels: torch.Tensor,
              device: torch.device | str = "cpu") -> float:
-    _, logits = evaluator_outputs(model, images, device=device)
-    return (logits.argmax(1) == labels).double().mean().item()
+    hits, start = 0, 0
+    for _, logits in _batch_outputs(model, images, 256, device):
+        hits += int((logits.argmax(1) == labels[start:start + len(logits)]).sum())
+        start += len(logits)
+    return hits / len(labels)
 
 
 def evaluator_config(model: Evaluator) -> dict[str, Any]:
