@@ -8,6 +8,7 @@ Heavy imports (torch) happen inside the commands so `up --help` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -45,9 +46,32 @@ def _params(variant: str | None = None):
     return params
 
 
-def _run(stage: str, seed: int | None = None, variant: str | None = None, **kwargs) -> None:
-    """Validate params, set up the process, run ``stages.<stage>.run``."""
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def _offline_inception(params) -> list[str]:
+    """The one line saying why evaluate.inception_weights cannot serve the offline
+    inception-v3-compat extractor, if it cannot: torch-fidelity would otherwise try to
+    download them, and fail offline only after the sampling."""
+    ev = params.evaluate
+    path = ev.inception_weights
+    if ev.feature_extractor != "inception-v3-compat" or \
+            (path is not None and os.path.isfile(path) and os.access(path, os.R_OK)):
+        return []
+    problem = "" if path is None else "not a readable file; "
+    return [f"params.yaml: evaluate.inception_weights = {path!r}: {problem}inception-v3-compat runs "
+            f"offline and needs a local weights file; get {INCEPTION_WEIGHTS} (torch-fidelity's "
+            "release) and set its path"]
+
+
+def _run(stage: str, seed: int | None = None, variant: str | None = None, features: bool = False,
+         **kwargs) -> None:
+    """Validate params, set up the process, run ``stages.<stage>.run``. ``features``: the
+    stage's images are scored (now or by the evaluate stage after it), so the feature
+    extractor must be usable offline before any work starts."""
     params = _params(variant)
+    if features and (problems := _offline_inception(params)):
+        _fail(problems, 2)
     from up.errors import StageError
     from up.runtime import setup
 
@@ -101,19 +125,19 @@ def train(variant: Variant, seed: Seed = 0) -> None:
 @app.command()
 def sample(variant: Variant, seed: Seed = 0) -> None:
     """Generate class-conditional images with per-token uncertainty."""
-    _run("sample", seed=seed, variant=variant)
+    _run("sample", seed=seed, variant=variant, features=True)
 
 
 @app.command()
 def evaluate(variant: Variant, seed: Seed = 0) -> None:
     """Quality, diversity, calibration and selective generation of one variant."""
-    _run("evaluate", seed=seed, variant=variant)
+    _run("evaluate", seed=seed, variant=variant, features=True)
 
 
 @app.command()
 def sweep(variant: Variant, seed: Seed = 0) -> None:
     """Sample and score one run over the guidance sweep (a quality-diversity curve)."""
-    _run("sweep", seed=seed, variant=variant)
+    _run("sweep", seed=seed, variant=variant, features=True)
 
 
 @app.command()

@@ -11,6 +11,13 @@ rankings. Outputs: metrics/eval-{variant}-s{seed}.json (flat main figures, with
 sample counts and seeds) and plots/eval/{variant}-s{seed}/ (reliability,
 risk-coverage curves, selective statistics with bootstrap intervals, stratified
 subset FID, score correlations and per-sample rows, as JSON and PNGs).
+
+Under torchrun (params.yaml's launcher) the ranks share the network passes
+(features of the samples and of the test split, the val tokens' predictions)
+in fixed batches; rank 0 gathers them, computes every figure and writes, so
+the outputs do not depend on the number of processes. With
+evaluate.reference_stats, FID is also measured against those published
+statistics (``fid_reference_stats``).
 """
 
 from __future__ import annotations
@@ -20,9 +27,18 @@ import torch
 from up import paths
 from up.calibration import CalibrationMeter
 from up.config import Params
+from up.distributed import Dist, distributed
 from up.errors import StageError
-from up.evaluator import evaluator_outputs, load_evaluator
-from up.fidelity import SubsetQuality, compute_quality, config_from_params, extract_features
+from up.fidelity import (
+    FidelityConfig,
+    ImageFeatures,
+    SubsetQuality,
+    config_from_params,
+    frechet_distance_to_stats,
+    image_features,
+    load_reference_stats,
+    quality_from_features,
+)
 from up.figures import (
     correlation_figure,
     reliability_figure,
@@ -43,6 +59,7 @@ from up.selective import (
     selective_statistics,
     stratified_curves,
 )
+from up.sharding import map_batches
 from up.splits import load_image_split
 from up.tokenizer import load_tokenizer
 from up.tokens import load_token_split, predict
@@ -52,18 +69,38 @@ from up.uncertainty import image_scores
 EVALUATOR, TOKENIZER = paths.EVALUATOR, paths.TOKENIZER
 
 
-def calibration(params: Params, variant: str, seed: int, device: torch.device
-                ) -> tuple[dict, list[dict]]:
+def merge_meters(parts: list[CalibrationMeter]) -> CalibrationMeter:
+    """One meter from per-batch meters, added in batch order: the same sums however
+    many ranks computed the parts."""
+    meter = CalibrationMeter(parts[0].n_bins)
+    for part in parts:
+        meter.sums += part.sums
+        meter.nll += part.nll
+        meter.brier += part.brier
+        meter.count += part.count
+    return meter
+
+
+def calibration(params: Params, variant: str, seed: int, device: torch.device, ctx: Dist = Dist()
+                ) -> tuple[dict, list[dict]] | None:
     """ECE, NLL, Brier, top-1 accuracy and reliability bins of the token predictions
-    on every val token (true labels, no guidance), accumulated batch by batch."""
+    on every val token (true labels, no guidance), batch by batch, the batches shared
+    among ``ctx``'s ranks; None on ranks other than 0."""
     tokenizer = load_tokenizer(TOKENIZER, device)
     var, temperatures = load_var_and_temperatures(paths.model(variant, seed))
     var = var.to(device)
-    val = load_token_split(paths.split(paths.TOKENS, "val"), tokenizer, device)
-    meter = CalibrationMeter(params.evaluate.ece_bins)
-    for logits, targets in predict(var, val, torch.arange(len(val)), params.train.batch_size,
-                                   params.train.bf16, temperatures):
-        meter.update(logits, targets)
+    val = load_token_split(paths.TOKENS, "val", tokenizer, device)
+
+    def batch(_: int, ids: torch.Tensor) -> CalibrationMeter:
+        meter = CalibrationMeter(params.evaluate.ece_bins)
+        for logits, targets in predict(var, val, ids, len(ids), params.train.bf16, temperatures):
+            meter.update(logits, targets)
+        return meter
+
+    parts = map_batches(batch, len(val), params.train.batch_size, ctx, f"calibration {variant}")
+    if parts is None:
+        return None
+    meter = merge_meters(parts)
     calib = meter.compute()
     figures = {"ece": calib["ece"], "nll": calib["nll"], "brier": calib["brier"],
                "token_accuracy": calib["accuracy"], "n_val_images": len(val),
@@ -71,36 +108,74 @@ def calibration(params: Params, variant: str, seed: int, device: torch.device
     return figures, meter.bins()
 
 
+def quality_figures(gen: dict, real: dict, config: FidelityConfig,
+                    reference: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """FID, KID, IS, precision, recall (and FID against the reference statistics)."""
+    quality = quality_from_features(gen, real, config)
+    if reference is not None:
+        quality["fid_reference_stats"] = frechet_distance_to_stats(gen["fid"], *reference)
+    return quality
+
+
+def selective_figures(rows: list[dict], stats: list[dict], smallest: float) -> dict:
+    """Per-score AUROC, AURC gain and Spearman (with intervals) and subset FID at the
+    smallest kept fraction, as flat metric keys."""
+    figures = {f"selective_fid_{r['score']}": r["fid"] for r in rows if r["fraction"] == smallest}
+    for row in stats:
+        sc = row["score"]
+        figures.update({
+            f"auroc_{sc}": row["auroc"], f"auroc_{sc}_lo": row["auroc_lo"],
+            f"auroc_{sc}_hi": row["auroc_hi"], f"aurc_{sc}": row["aurc_failure"],
+            f"aurc_gain_{sc}": row["aurc_gain_failure"],
+            f"aurc_gain_{sc}_lo": row["aurc_gain_failure_lo"],
+            f"aurc_gain_{sc}_hi": row["aurc_gain_failure_hi"],
+            f"spearman_{sc}": row["spearman_log_p"], f"spearman_{sc}_lo": row["spearman_log_p_lo"],
+            f"spearman_{sc}_hi": row["spearman_log_p_hi"]})
+    return figures
+
+
 def run(params: Params, variant: str, seed: int) -> None:
     ev = params.evaluate
     params.variant(variant)
     device = resolve_device(params.device)
-    name = paths.run_tag(variant, seed)
-    plots = paths.eval_plots(variant, seed)
 
     samples = load_torch(paths.samples(variant, seed) / "samples.pt", "samples")
-    test = vars(load_image_split(paths.PREPARED, "test"))  # TODO(lead): attribute access
-    gen, labels, real = samples["images"], samples["labels"], test["images"]
+    test = load_image_split(paths.PREPARED, "test")
+    gen, real = samples["images"], test.images
     smallest = kept_count(len(gen), min(ev.selective_fractions))
     if smallest <= ev.pr_neighborhood:
         raise StageError(f"selective generation keeps {smallest} of {len(gen)} samples at fraction "
                          f"{min(ev.selective_fractions)}; precision/recall needs more than "
                          f"evaluate.pr_neighborhood={ev.pr_neighborhood} (raise sample.n_per_class)")
     config = config_from_params(ev, str(EVALUATOR), device.type == "cuda", seed)
-    quality = compute_quality(gen, real, config)
+    with distributed(device.type) as ctx:
+        net = ImageFeatures(config, EVALUATOR, device)
+        reference = None if ev.reference_stats is None else \
+            load_reference_stats(ev.reference_stats, net.fidelity.dim)
+        gen_out = image_features(gen, net, config.batch_size, ctx, f"features {variant}-s{seed}")
+        real_out = image_features(real, net, config.batch_size, ctx, "features test split")
+        calib = calibration(params, variant, seed, device, ctx)
+    if ctx.main:
+        report(params, variant, seed, samples, gen_out, real_out, test.labels, calib,
+               quality_figures(gen_out, real_out, config, reference), config)
 
-    evaluator = load_evaluator(EVALUATOR).to(device)
-    gen_features, gen_logits = evaluator_outputs(evaluator, gen, device=device)
-    real_features, real_logits = evaluator_outputs(evaluator, real, device=device)
-    real_labels = test["labels"]
+
+def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, real: dict,
+           real_labels: torch.Tensor, calibrated: tuple[dict, list[dict]], quality: dict,
+           config: FidelityConfig) -> None:
+    """Every figure from the gathered features, written by rank 0 alone."""
+    ev = params.evaluate
+    name = paths.run_tag(variant, seed)
+    plots = paths.eval_plots(variant, seed)
+    labels = samples["labels"]
+    calib, bins = calibrated
+    gen_features, gen_logits, gen_fid = gen["features"], gen["logits"], gen["fid"]
     # unconditional samples have no label: group them by the evaluator's class
     gen_classes = torch.where(labels >= 0, labels, gen_logits.argmax(1))
 
-    calib, bins = calibration(params, variant, seed, device)
-
     # per-sample quality, independent of the rest of the set
     log_p = evaluator_log_p(gen_logits, gen_classes)
-    realism = realism_score(gen_features, gen_classes, real_features, real_labels,
+    realism = realism_score(gen_features, gen_classes, real["features"], real_labels,
                             ev.pr_neighborhood)
     failed = (gen_logits.argmax(1) != gen_classes) | (realism < ev.realism_threshold)
     neg_log_realism = -realism.clamp_min(1e-12).log()
@@ -110,10 +185,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         risks={"failure": failed.double(), "nll": -log_p, "neg_log_realism": neg_log_realism},
         qualities={"log_p": log_p, "realism": realism}, repeats=ev.bootstrap, seed=seed)
     correlations = score_correlations(scores, gen_classes)
-
-    gen_fid = extract_features(gen, config)
-    real_fid = extract_features(real, config)
-    subset_quality = SubsetQuality(real_fid, config)
+    subset_quality = SubsetQuality(real["fid"], config)
 
     def metric(kept: torch.Tensor) -> dict:
         return {**subset_quality(gen_fid[kept]),
@@ -125,25 +197,13 @@ def run(params: Params, variant: str, seed: int) -> None:
     rows = stratified_curves({**whole, "oracle": -log_p}, gen_classes, ev.selective_fractions,
                              metric, ev.random_repeats, seed)
     smallest = min(ev.selective_fractions)
-    selective = {f"selective_fid_{r['score']}": r["fid"] for r in rows if r["fraction"] == smallest}
-    per_score = {}
-    for row in stats:
-        sc = row["score"]
-        per_score.update({
-            f"auroc_{sc}": row["auroc"], f"auroc_{sc}_lo": row["auroc_lo"],
-            f"auroc_{sc}_hi": row["auroc_hi"], f"aurc_{sc}": row["aurc_failure"],
-            f"aurc_gain_{sc}": row["aurc_gain_failure"],
-            f"aurc_gain_{sc}_lo": row["aurc_gain_failure_lo"],
-            f"aurc_gain_{sc}_hi": row["aurc_gain_failure_hi"],
-            f"spearman_{sc}": row["spearman_log_p"], f"spearman_{sc}_lo": row["spearman_log_p_lo"],
-            f"spearman_{sc}_hi": row["spearman_log_p_hi"]})
-
+    n_gen, n_real = len(gen_fid), len(real["fid"])
     figures = {
         **quality,
-        **density_coverage(gen_fid, real_fid, ev.pr_neighborhood),
+        **density_coverage(gen_fid, real["fid"], ev.pr_neighborhood),
         "diversity": on_class_diversity(gen_features, gen_logits, gen_classes),
         "diversity_all": class_diversity(gen_features, gen_classes),
-        "diversity_real": on_class_diversity(real_features, real_logits, real_labels),
+        "diversity_real": on_class_diversity(real["features"], real["logits"], real_labels),
         "class_accuracy": class_accuracy(gen_logits, labels),
         **calib,
         "failure_rate": failed.double().mean().item(),
@@ -151,11 +211,10 @@ def run(params: Params, variant: str, seed: int) -> None:
         "realism_median": realism.median().item(),
         "aurc_random": stats[0]["aurc_failure_random"],
         "aurc_oracle": stats[0]["aurc_failure_oracle"],
-        **per_score,
         "selective_fraction": smallest,
-        **selective,
-        "n_samples": len(gen),
-        "n_real": len(real),
+        **selective_figures(rows, stats, smallest),
+        "n_samples": n_gen,
+        "n_real": n_real,
         "n_bootstrap": ev.bootstrap,
         "seed": seed,
         "sample_seed": int(samples["seed"]),
@@ -164,7 +223,7 @@ def run(params: Params, variant: str, seed: int) -> None:
     per_sample = [{"index": i, "label": int(labels[i]), "class": int(gen_classes[i]),
                    "predicted": int(gen_logits[i].argmax()), "log_p": float(log_p[i]),
                    "realism": float(realism[i]), "failed": bool(failed[i]),
-                   **{sc: float(v[i]) for sc, v in scores.items()}} for i in range(len(gen))]
+                   **{sc: float(v[i]) for sc, v in scores.items()}} for i in range(n_gen)]
     save_json(figures, paths.metrics(f"eval-{name}"))
     save_json(bins, plots / "reliability.json")
     save_json(rows, plots / "selective.json")
@@ -174,7 +233,7 @@ def run(params: Params, variant: str, seed: int) -> None:
                for i, a in enumerate(correlations["scores"])
                for j, b in enumerate(correlations["scores"])], plots / "score_correlation.json")
     save_json(per_sample, plots / "per_sample.json")
-    label = f"{name} (N={len(gen)} vs {len(real)} test)"
+    label = f"{name} (N={n_gen} vs {n_real} test)"
     save_figure(reliability_figure({f"{name} ({calib['n_val_tokens']} val tokens)": bins}),
                 plots / "reliability.png")
     save_figure(selective_figure({label: rows}), plots / "selective.png")
@@ -183,4 +242,4 @@ def run(params: Params, variant: str, seed: int) -> None:
     print(f"evaluate {name}: FID {quality['fid']:.4g}, precision {quality['precision']:.3f}, "
           f"recall {quality['recall']:.3f}, ECE {calib['ece']:.4f}, failed "
           f"{figures['failure_rate']:.3f}, AUROC(entropy) {figures.get('auroc_entropy') or 0:.3f} "
-          f"(N={len(gen)})")
+          f"(N={n_gen})")

@@ -2,18 +2,22 @@
 
 Outputs under samples/{variant}-s{seed}/: samples.pt (images, labels,
 uncertainty maps and aggregates; written last, so its presence means the
-stage finished), grid.png (rows = classes), uncertainty_map.png, params.json
-and, on request, one PNG per image.
+stage finished), grid.png (rows = classes, at most sample.grid_classes of
+them), uncertainty_map.png, params.json and, on request, one PNG per image.
+Under torchrun (params.yaml's launcher) the ranks share the batches and rank 0
+writes: each batch draws from its own seeded stream, so the files do not
+depend on the number of processes.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from up import paths
-from up.config import Params
+from up.config import Params, SampleParams
+from up.distributed import distributed
 from up.io import save_figure, save_image_grid, save_json, save_torch
 from up.runtime import resolve_device
 from up.sampling import sample_many
@@ -23,12 +27,22 @@ from up.transformer import load_var_and_temperatures
 TOKENIZER = paths.TOKENIZER
 
 
+def grid_classes(classes: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most ``limit`` of the (sorted) class ids, evenly spaced over them: a grid of
+    1,000 ImageNet classes shows a spread of them, not the first few (and stays an image
+    that viewers open)."""
+    if len(classes) <= limit:
+        return classes
+    return classes[torch.arange(limit) * len(classes) // limit]
+
+
 def grid_rows(labels: torch.Tensor, num_rows: int, per_row: int) -> torch.Tensor:
-    """Indices of the images in the grid: the first ``per_row`` of each class
-    (unconditional: the first images, ``per_row`` per row)."""
+    """Indices of the images in the grid: the first ``per_row`` of each of at most
+    ``num_rows`` classes spread over the labels (unconditional: the first images,
+    ``per_row`` per row)."""
     if (labels < 0).all():
         return torch.arange(min(len(labels), num_rows * per_row))
-    classes = labels.unique()[:num_rows].tolist()
+    classes = grid_classes(labels.unique(), num_rows).tolist()
     rows = [torch.nonzero(labels == c).flatten()[:per_row] for c in classes]
     return torch.cat(rows)
 
@@ -61,7 +75,23 @@ def uncertainty_figure(images: torch.Tensor, entropy: torch.Tensor, titles: list
     return fig
 
 
+def save_figures(images: torch.Tensor, labels: torch.Tensor, uncertainty: dict, sp: SampleParams,
+                 out: Path) -> None:
+    """grid.png (rows = classes, at most ``sp.grid_classes``) and uncertainty_map.png (one
+    image of each of at most 10 of those classes over its finest-scale entropy)."""
+    per_row = min(sp.grid_per_class, sp.n_per_class)
+    save_image_grid(images[grid_rows(labels, sp.grid_classes, per_row)], out / "grid.png",
+                    nrow=per_row)
+    shown = grid_rows(labels, min(sp.grid_classes, 10), 1)
+    finest = uncertainty["maps"]["entropy"][-1][shown]
+    image_h = uncertainty["image"]["entropy"][shown]
+    titles = [("uncond" if labels[i] < 0 else f"class {labels[i]}") + f"\nH={h:.2f}"
+              for i, h in zip(shown.tolist(), image_h.tolist(), strict=True)]
+    save_figure(uncertainty_figure(images[shown], finest, titles), out / "uncertainty_map.png")
+
+
 def run(params: Params, variant: str, seed: int) -> None:
+    """Under torchrun every rank samples its share of the batches; rank 0 writes."""
     sp = params.sample
     # fails early, naming the declared variants; the dispersion is recorded with the
     # variant's own evidence mass (up's kappa; 1.0 for variants without one)
@@ -70,24 +100,22 @@ def run(params: Params, variant: str, seed: int) -> None:
     out = paths.samples(variant, seed)
     checkpoint = paths.model(variant, seed)
 
-    tokenizer = load_tokenizer(TOKENIZER, device)
-    code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
-    var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
-    var = var.to(device)
-    num_classes = var.num_classes
-    classes = torch.arange(num_classes).repeat_interleave(sp.n_per_class)
-    labels = torch.full_like(classes, -1) if sp.unconditional else classes
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    bf16 = device.type == "cuda" and params.train.bf16
-    kwargs = dict(guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k,
-                  top_p=sp.top_p,
-                  temperature=sp.temperature, scale_temperatures=scale_temperatures,
-                  code_to_cluster=code_to_cluster,
-                  num_clusters=num_clusters, kappa=kappa)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-        result = sample_many(var, tokenizer, labels, sp.batch_size, generator,
-                             f"sample {variant}-s{seed}", **kwargs)
+    with distributed(device.type) as ctx:
+        tokenizer = load_tokenizer(TOKENIZER, device)
+        code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
+        var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
+        var = var.to(device)
+        num_classes = var.num_classes
+        classes = torch.arange(num_classes).repeat_interleave(sp.n_per_class)
+        labels = torch.full_like(classes, -1) if sp.unconditional else classes
+        bf16 = device.type == "cuda" and params.train.bf16
+        result = sample_many(var, tokenizer, labels, sp.batch_size, seed, f"sample {variant}-s{seed}",
+                             ctx, bf16, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
+                             top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature,
+                             scale_temperatures=scale_temperatures, code_to_cluster=code_to_cluster,
+                             num_clusters=num_clusters, kappa=kappa)
+    if result is None:
+        return
     images, labels = result["images"], result["labels"]
 
     config = dict(variant=variant, seed=seed, checkpoint=str(checkpoint), tokenizer=str(TOKENIZER),
@@ -97,15 +125,7 @@ def run(params: Params, variant: str, seed: int) -> None:
     if sp.save_pngs:
         for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
             save_image_grid(img[None], out / "png" / f"{i:05d}_c{label}.png", nrow=1, padding=0)
-    per_row = min(sp.grid_per_class, sp.n_per_class)
-    chosen = grid_rows(labels, num_classes, per_row)
-    save_image_grid(images[chosen], out / "grid.png", nrow=per_row)
-    shown = grid_rows(labels, min(num_classes, 10), 1)
-    finest = result["uncertainty"]["maps"]["entropy"][-1][shown]
-    image_h = result["uncertainty"]["image"]["entropy"][shown]
-    titles = [("uncond" if labels[i] < 0 else f"class {labels[i]}") + f"\nH={h:.2f}"
-              for i, h in zip(shown.tolist(), image_h.tolist(), strict=True)]
-    save_figure(uncertainty_figure(images[shown], finest, titles), out / "uncertainty_map.png")
+    save_figures(images, labels, result["uncertainty"], sp, out)
     save_json(config, out / "params.json")
     save_torch(dict(images=images, labels=labels, uncertainty=result["uncertainty"], seed=seed,
                     config=config), out / "samples.pt")

@@ -11,29 +11,51 @@ images are not kept. Every guidance value draws from the same sampling seed
 guidance values and across variants of one seed, so curve differences are not
 sampling noise of different draws.
 
+Under torchrun the ranks share the batches: each samples its batches and
+passes them through the feature networks, and rank 0 gathers the features
+only (each batch draws from its own seeded stream: the rows do not depend on
+the number of processes).
+
 Output: metrics/sweep-{variant}-s{seed}.json, one row per guidance value.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 
 import torch
 
 from up.config import Params
+from up.distributed import Dist, distributed
 from up.errors import StageError
-from up.evaluator import evaluator_outputs, load_evaluator
-from up.fidelity import SubsetQuality, config_from_params, extract_features
+from up.fidelity import ImageFeatures, SubsetQuality, config_from_params, image_features
 from up.frontier import sweep_path
 from up.io import save_json
 from up.paths import EVALUATOR, PREPARED, TOKENIZER, model, run_tag
 from up.runtime import resolve_device
-from up.sampling import sample_many
+from up.sampling import batch_sampler
 from up.selective import class_accuracy, on_class_diversity
+from up.sharding import cat_dicts, map_batches
 from up.splits import load_image_split
 from up.tokenizer import load_code_clusters, load_tokenizer
 from up.transformer import load_var_and_temperatures
+
+
+def guidance_row(sampler: Callable, net: ImageFeatures, labels: torch.Tensor, batch_size: int,
+                 quality: SubsetQuality | None, ctx: Dist, description: str) -> dict | None:
+    """Quality and diversity of one guidance value's samples, whose batches the ranks
+    sample and pass through the networks; the row on rank 0 (``quality`` is rank 0's),
+    None elsewhere."""
+    parts = map_batches(lambda b, ids: net(sampler(b, ids)[0]), len(labels), batch_size, ctx,
+                        description)
+    if parts is None:
+        return None
+    out = cat_dicts(parts)
+    features, logits = out["features"], out["logits"]
+    return {**quality(out["fid"]), "class_accuracy": class_accuracy(logits, labels),
+            "diversity": on_class_diversity(features, logits, labels), "n_samples": len(labels),
+            "n_in_class": int((logits.argmax(1) == labels).sum())}
 
 
 def run(params: Params, variant: str, seed: int) -> None:
@@ -42,49 +64,46 @@ def run(params: Params, variant: str, seed: int) -> None:
     device = resolve_device(params.device)
     tag = run_tag(variant, seed)
     checkpoint = model(variant, seed)
-
-    tokenizer = load_tokenizer(TOKENIZER, device)
-    code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
-    var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
-    var = var.to(device)
-    labels = torch.arange(var.num_classes).repeat_interleave(sw.n_per_class)
-    if len(labels) <= ev.pr_neighborhood:
-        raise StageError(f"{len(labels)} samples per guidance value; precision/recall needs more "
-                         f"than evaluate.pr_neighborhood={ev.pr_neighborhood} (raise sweep.n_per_class)")
-
-    test = vars(load_image_split(PREPARED, "test"))  # TODO(lead): attribute access
+    test = load_image_split(PREPARED, "test")
     config = config_from_params(ev, str(EVALUATOR), device.type == "cuda", seed)
-    quality = SubsetQuality(extract_features(test["images"], config), config)
-    evaluator = load_evaluator(EVALUATOR).to(device)
-
     bf16 = device.type == "cuda" and params.train.bf16
-    kwargs = dict(guidance_schedule=sp.guidance_schedule, top_k=sp.top_k, top_p=sp.top_p,
-                  temperature=sp.temperature, scale_temperatures=scale_temperatures,
-                  code_to_cluster=code_to_cluster, num_clusters=num_clusters, kappa=kappa)
-    rows = []
-    for guidance in sorted(sw.guidance):
-        start = time.perf_counter()
-        # the run's seed at every guidance: common random numbers along the curve
-        generator = torch.Generator(device=device).manual_seed(seed)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            images = sample_many(var, tokenizer, labels, sp.batch_size, generator,
-                                 f"sweep {tag} guidance {guidance:g}", guidance=guidance,
-                                 **kwargs)["images"]
-        features, logits = evaluator_outputs(evaluator, images, device=device)
-        diversity = on_class_diversity(features, logits, labels)
-        n_in_class = int((logits.argmax(1) == labels).sum())
-        rows.append({"guidance": guidance, **quality(extract_features(images, config)),
-                     "class_accuracy": class_accuracy(logits, labels), "diversity": diversity,
-                     "n_samples": len(images), "n_in_class": n_in_class,
-                     "sample_seed": seed})
-        r = rows[-1]
-        shown = "n/a" if diversity is None else f"{diversity:.3f}"
-        print(f"sweep {tag} guidance {guidance:g}: FID {r['fid']:.4g}, precision {r['precision']:.3f}, "
-              f"recall {r['recall']:.3f}, class acc {r['class_accuracy']:.3f}, diversity {shown} "
-              f"(N={len(images)}, {time.perf_counter() - start:.1f} s)")
 
+    with distributed(device.type) as ctx:
+        tokenizer = load_tokenizer(TOKENIZER, device)
+        code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
+        var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
+        var = var.to(device)
+        labels = torch.arange(var.num_classes).repeat_interleave(sw.n_per_class)
+        if len(labels) <= ev.pr_neighborhood:
+            raise StageError(f"{len(labels)} samples per guidance value; precision/recall needs "
+                             f"more than evaluate.pr_neighborhood={ev.pr_neighborhood} (raise "
+                             "sweep.n_per_class)")
+        net = ImageFeatures(config, EVALUATOR, device)
+        real = image_features(test.images, net.fidelity, config.batch_size, ctx,
+                              "features test split")
+        quality = None if real is None else SubsetQuality(real["fid"], config)
+        kwargs = dict(guidance_schedule=sp.guidance_schedule, top_k=sp.top_k, top_p=sp.top_p,
+                      temperature=sp.temperature, scale_temperatures=scale_temperatures,
+                      code_to_cluster=code_to_cluster, num_clusters=num_clusters, kappa=kappa)
+        rows = []
+        for guidance in sorted(sw.guidance):
+            start = time.perf_counter()
+            # the run's seed at every guidance: common random numbers along the curve
+            sampler = batch_sampler(var, tokenizer, labels, seed, bf16, guidance=guidance, **kwargs)
+            row = guidance_row(sampler, net, labels, sp.batch_size, quality, ctx,
+                               f"sweep {tag} guidance {guidance:g}")
+            if row is None:
+                continue
+            rows.append({"guidance": guidance, **row, "sample_seed": seed})
+            shown = "n/a" if row["diversity"] is None else f"{row['diversity']:.3f}"
+            print(f"sweep {tag} guidance {guidance:g}: FID {row['fid']:.4g}, precision "
+                  f"{row['precision']:.3f}, recall {row['recall']:.3f}, class acc "
+                  f"{row['class_accuracy']:.3f}, diversity {shown} (N={len(labels)}, "
+                  f"{time.perf_counter() - start:.1f} s)")
+    if not ctx.main:
+        return
     save_json({"variant": variant, "seed": seed, "n_per_class": sw.n_per_class,
-               "n_real": len(test["images"]), "feature_extractor": ev.feature_extractor,
+               "n_real": len(test.images), "feature_extractor": ev.feature_extractor,
                "guidance_schedule": sp.guidance_schedule, "temperature": sp.temperature,
                "top_k": sp.top_k, "top_p": sp.top_p, "device": str(device), "bf16": bf16,
                "scale_temperatures": None if scale_temperatures is None

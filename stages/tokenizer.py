@@ -2,7 +2,8 @@
 
 Like train@variant, it resumes a killed run from checkpoints/tokenizer.pt and
 removes that checkpoint once the outputs are written, so a later (forced) run
-trains afresh instead of reloading a finished state.
+trains afresh instead of reloading a finished state. Under torchrun every
+process trains on its shard of each batch; rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-import up.splits
 from up import paths
 from up.config import Params
+from up.distributed import Dist, distributed, rank_device
 from up.errors import StageError
 from up.io import load_torch, save_image_grid, save_json, save_torch, save_tsv
 from up.runtime import resolve_device
+from up.splits import load_image_split
 from up.tokenizer_training import (
     build_tokenizer,
     cluster_codebook,
@@ -28,10 +30,6 @@ from up.tokenizer_training import (
 
 CHECKPOINT = paths.CHECKPOINTS / "tokenizer.pt"
 MODEL = paths.TOKENIZER
-
-
-def load_image_split(name: str) -> dict:
-    return vars(up.splits.load_image_split(paths.PREPARED, name))  # TODO(lead): ImageSplit
 
 
 def given_tokenizer(path: Path, tp, channels: int):
@@ -54,35 +52,60 @@ def given_tokenizer(path: Path, tp, channels: int):
     return model, saved["code_to_cluster"].long() if same else None
 
 
-def run(params: Params) -> None:
-    tp = params.tokenizer
-    train, val = load_image_split("train"), load_image_split("val")
-    channels, height, width = train["images"].shape[1:]
+def training_fingerprint(params: Params) -> dict:
+    """The settings that define the trained weights: a checkpoint resumes only under
+    the same ones. How a run executes (launcher, processes, threads, device, bf16,
+    micro-batches, checkpoint period, decode workers) is left out, so a run killed
+    on one process resumes on eight, or with smaller micro-batches after an OOM."""
+    return {"tokenizer": params.tokenizer.model_dump(exclude={"save_every", "micro_batch",
+                                                                "bf16"}),
+            "seed": params.seed, "data": params.data.model_dump(exclude={"workers"})}
+
+
+def _channels(shape: tuple, tp) -> int:
+    channels, height, width = shape[1:]
     if height != width or height != tp.patch_nums[-1] * tp.downsample:
         raise StageError(
             f"images are {height}x{width}; tokenizer.patch_nums ends at {tp.patch_nums[-1]} and "
             f"tokenizer.downsample is {tp.downsample}, so they must be square with side "
             f"{tp.patch_nums[-1] * tp.downsample}")
-    device = resolve_device(params.device)
+    return channels
+
+
+def _trained(params: Params, channels: int, images, ctx: Dist):
+    """(model on this rank's device, its code clusters or None, train state or None,
+    metrics about how it was obtained)."""
+    tp = params.tokenizer
+    device = rank_device(resolve_device(params.device), ctx)
+    if tp.init_from is not None:  # an imported tokenizer: the transformer it came with reads
+        model, code_to_cluster = given_tokenizer(Path(tp.init_from), tp, channels)  # its codes
+        return model.to(device), code_to_cluster, None, {"init_from": tp.init_from}
+    model = build_tokenizer(tp, channels)
+    state = train_tokenizer(model, images, tp, params.seed, CHECKPOINT,
+                            training_fingerprint(params), device, ctx=ctx)
+    return model, None, state, {"train_steps": state.step, "train_wall_s": round(state.wall_s, 2),
+                                "reseeded_codes": state.reseeded}
+
+
+def run(params: Params) -> None:
+    tp = params.tokenizer
+    train = load_image_split(paths.PREPARED, "train")
+    val = load_image_split(paths.PREPARED, "val")
+    channels = _channels(tuple(train.images.shape), tp)
     resolved = {"tokenizer": tp.model_dump(), "seed": params.seed, "threads": params.threads,
                 "device": params.device, "data": params.data.model_dump()}
 
     started = time.perf_counter()
-    if tp.init_from is None:
-        model = build_tokenizer(tp, channels)
-        state = train_tokenizer(model, train["images"], tp, params.seed, CHECKPOINT, resolved,
-                                device)
-        trained = {"train_steps": state.step, "train_wall_s": round(state.wall_s, 2),
-                   "reseeded_codes": state.reseeded}
-        code_to_cluster = None
-    else:  # an imported tokenizer: the transformer it came with reads its codes, keep them
-        model, code_to_cluster = given_tokenizer(Path(tp.init_from), tp, channels)
-        state, trained = None, {"init_from": tp.init_from}
+    with distributed(resolve_device(params.device).type) as ctx:
+        model, code_to_cluster, state, trained = _trained(params, channels, train.images, ctx)
+    if not ctx.main:
+        return
     train_s = time.perf_counter() - started
+    device = next(model.parameters()).device
 
-    metrics = evaluate_tokenizer(model, val["images"], device=device)
-    shown = torch.linspace(0, len(val["images"]) - 1, min(tp.grid_images, len(val["images"])))
-    grid = progressive_grid(model, val["images"][shown.long()], device)  # spread over classes
+    metrics = evaluate_tokenizer(model, val.images, device=device)
+    shown = torch.linspace(0, len(val) - 1, min(tp.grid_images, len(val)))
+    grid = progressive_grid(model, val.images[shown.long()], device)  # spread over classes
     if code_to_cluster is None:
         code_to_cluster = cluster_codebook(model.quantizer.embedding.weight, tp.semantic_clusters,
                                            params.seed, params.threads)

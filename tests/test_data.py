@@ -158,7 +158,7 @@ def test_disk_array_reads_rows_in_any_order(tmp_path):
     with array_writer(tmp_path / "a.npy", (6, 4), np.int16) as out:
         out.write(4, rows[4:].numpy())  # blocks in any order
         out.write(0, rows[:4].numpy())
-    array = DiskArray(tmp_path / "a.npy")
+    array = DiskArray(tmp_path / "a.npy", "test")
     assert array.shape == (6, 4) and torch.equal(array[:], rows)
     assert torch.equal(array[torch.tensor([5, 0, 5, 2])], rows[[5, 0, 5, 2]])
     view = array.subset(np.array([1, 3, 5]))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.project import ROOT
 from up.io import load_torch, save_torch
-from up.sampling import filter_logits, guidance_ratio, sample
+from up.sampling import batch_generator, filter_logits, guidance_ratio, sample
 from up.tokenizer import MultiScaleVQVAE
 from up.transformer import VAR
 from up.uncertainty import aggregate, fine_mean, image_scores
@@ -267,13 +267,12 @@ def test_sample_stage(project, models):
     assert [tuple(m.shape) for m in unc["maps"]["semantic_entropy"]] == \
         [(N, p, p) for p in PATCH_NUMS]
     assert unc["per_scale"]["dispersion"].shape == (N, len(PATCH_NUMS))
-    # batches of 4 share one generator: same images as sampling batch by batch by hand
-    gen = torch.Generator().manual_seed(0)
+    # batch b of 4 draws from its own stream (seed, b): the images of sampling by hand
     var, tok = models
     by_hand = [sample(var, tok, saved["labels"][s:s + 4], guidance=1.5,
-                      guidance_schedule="linear", generator=gen,
+                      guidance_schedule="linear", generator=batch_generator(0, b, "cpu"),
                       code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS)[0]
-               for s in range(0, N, 4)]
+               for b, s in enumerate(range(0, N, 4))]
     assert torch.equal(torch.cat(by_hand), saved["images"])
     assert json.loads((out / "params.json").read_text())["n_per_class"] == 3
     assert len(list((out / "png").glob("*.png"))) == N

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
+from tests.project import save_prepared
 from up.config import DataParams, Params, TokenizerParams
 from up.errors import StageError
 from up.io import load_torch, save_torch
 from up.runtime import setup
+from up.splits import load_token_arrays
 from up.tokenizer import (
     MultiScaleVQVAE,
     bicubic_matrix,
@@ -316,9 +318,9 @@ def test_stages_train_tokenize_and_decode(tmp_path, monkeypatch):
     with pytest.raises(StageError, match="prepare"):
         stages.tokenizer.run(params)
     images = {"train": tiny_images(24, 1), "val": tiny_images(6, 2), "test": tiny_images(5, 3)}
-    for split, imgs in images.items():
-        save_torch({"images": imgs, "labels": torch.arange(len(imgs)) % 2, "classes": ["a", "b"]},
-                   tmp_path / "data/prepared" / f"{split}.pt")
+    save_prepared(tmp_path / "data/prepared",
+                  {split: (imgs, torch.arange(len(imgs)) % 2) for split, imgs in images.items()},
+                  ["a", "b"])
     setup(0, 1)
     stages.tokenizer.run(params)
     for out in ["models/tokenizer.pt", "models/tokenizer.params.json", "metrics/tokenizer.json",
@@ -332,12 +334,12 @@ def test_stages_train_tokenize_and_decode(tmp_path, monkeypatch):
     stages.tokenize.run(params)
     model = load_tokenizer("models/tokenizer.pt")
     for split, imgs in images.items():
-        saved = load_torch(tmp_path / "data/tokens" / f"{split}.pt")
-        assert saved["indices"].dtype == torch.uint8 and saved["indices"].shape == (len(imgs), 21)
-        assert saved["patch_nums"] == [1, 2, 4] and saved["classes"] == ["a", "b"]
-        assert torch.equal(saved["labels"], torch.arange(len(imgs)) % 2)
+        saved = load_token_arrays(tmp_path / "data/tokens", split)
+        assert saved.indices.dtype == torch.uint8 and saved.indices.shape == (len(imgs), 21)
+        assert saved.patch_nums == [1, 2, 4] and saved.classes == ["a", "b"]
+        assert torch.equal(saved.labels, torch.arange(len(imgs)) % 2)
         with torch.no_grad():
-            decoded = model.decode(split_indices(saved["indices"], saved["patch_nums"]))
+            decoded = model.decode(split_indices(saved.indices, saved.patch_nums))
             recon = model(to_float(imgs)).recon.clamp(-1, 1)
         torch.testing.assert_close(decoded, recon, atol=1e-5, rtol=0)
 
@@ -348,9 +350,9 @@ def test_stage_takes_a_given_tokenizer_instead_of_training(tmp_path, monkeypatch
     import stages.tokenizer
 
     monkeypatch.chdir(tmp_path)
-    for split, n in (("train", 8), ("val", 4)):
-        save_torch({"images": tiny_images(n, 1), "labels": torch.arange(n) % 2,
-                    "classes": ["a", "b"]}, tmp_path / "data/prepared" / f"{split}.pt")
+    save_prepared(tmp_path / "data/prepared", {split: (tiny_images(n, 1), torch.arange(n) % 2)
+                                                for split, n in (("train", 8), ("val", 4))},
+                  ["a", "b"])
     torch.manual_seed(5)
     given = build_tokenizer(TINY, 1)
     clusters = torch.arange(16) % 4

@@ -54,3 +54,8 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     summed = tensor.to(device)
     dist.all_reduce(summed)
     return summed.cpu()
+
+
+def rank_device(device: torch.device, ctx: Dist) -> torch.device:
+    """This process's device: its own GPU (LOCAL_RANK) under torchrun on CUDA."""
+    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" else device

@@ -12,10 +12,15 @@ into images. The KV cache makes each step cost only the new scale's tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
-from up.runtime import progress
+from up.distributed import Dist
+from up.sharding import map_batches
 from up.tokenizer import to_uint8
+from up.tokens import autocast
 from up.uncertainty import ALL_MEASURES, aggregate, conditional_uncertainty, token_uncertainty
 
 
@@ -138,21 +143,40 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
     return images, [i.cpu() for i in indices], dict(maps=maps, image=image, per_scale=per_scale)
 
 
-def sample_many(var, tokenizer, labels: torch.Tensor, batch_size: int, generator, description: str,
-                **kwargs) -> dict:
-    """Sample ``labels`` in batches (one generator throughout) and concatenate."""
-    images, maps = [], {m: [] for m in ALL_MEASURES}
-    with progress() as bar:
-        task = bar.add_task(description, total=len(labels), info="")
-        for start in range(0, len(labels), batch_size):
-            batch = labels[start:start + batch_size]
-            imgs, _, unc = sample(var, tokenizer, batch, generator=generator, **kwargs)
-            images.append(imgs)
-            for name in ALL_MEASURES:
-                maps[name].append(unc["maps"][name])
-            mean_h = unc["image"]["entropy"].mean().item()
-            bar.update(task, advance=len(batch), info=f"mean entropy {mean_h:.3f}")
-    maps = {name: [torch.cat(s) for s in zip(*maps[name], strict=True)] for name in ALL_MEASURES}
+def batch_generator(seed: int, batch: int, device: torch.device | str) -> torch.Generator:
+    """Batch b's own random stream, a pure function of (seed, b): whichever rank draws a
+    batch draws the same tokens, so samples do not depend on the number of processes."""
+    state = np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def batch_sampler(var, tokenizer, labels: torch.Tensor, seed: int, bf16: bool = False,
+                  **kwargs) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, dict]]:
+    """``fn(b, ids)`` -> (images, uncertainty) of ``labels[ids]`` sampled from batch b's
+    stream (``sample``'s keyword arguments in ``kwargs``; bf16 autocast on CUDA): the unit
+    of work that ``map_batches`` shares among ranks."""
+    device = var.scale_ids.device
+
+    def run(batch: int, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with autocast(device, bf16):
+            images, _, unc = sample(var, tokenizer, labels[ids],
+                                    generator=batch_generator(seed, batch, device), **kwargs)
+        return images, unc
+
+    return run
+
+
+def sample_many(var, tokenizer, labels: torch.Tensor, batch_size: int, seed: int,
+                description: str, ctx: Dist = Dist(), bf16: bool = False, **kwargs) -> dict | None:
+    """Sample ``labels`` in batches shared among ``ctx``'s ranks; rank 0 gets the
+    concatenation (the samples.pt format), the other ranks None."""
+    parts = map_batches(batch_sampler(var, tokenizer, labels, seed, bf16, **kwargs), len(labels),
+                        batch_size, ctx, description,
+                        info=lambda part: f"mean entropy {part[1]['image']['entropy'].mean():.3f}")
+    if parts is None:
+        return None
+    maps = {name: [torch.cat(s) for s in zip(*(unc["maps"][name] for _, unc in parts), strict=True)]
+            for name in ALL_MEASURES}
     image, per_scale = aggregate(maps)
-    return dict(images=torch.cat(images), labels=labels.cpu(),
+    return dict(images=torch.cat([images for images, _ in parts]), labels=labels.cpu(),
                 uncertainty=dict(maps=maps, image=image, per_scale=per_scale))

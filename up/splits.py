@@ -75,15 +75,14 @@ class DiskArray:
     array to a subset (a split) without copying anything.
     """
 
-    def __init__(self, path: str | Path, rows: np.ndarray | None = None):
+    def __init__(self, path: str | Path, stage: str, rows: np.ndarray | None = None):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} not found (run the stage that produces it)")
+            raise _missing(self.path, "array", stage)
         try:
             mapped = np.load(self.path, mmap_mode="r")
         except (ValueError, OSError) as exc:
-            raise StageError(f"{self.path} is unreadable or corrupt ({exc}); rerun the stage "
-                             "that writes it") from None
+            raise _corrupt(self.path, "array", stage, exc) from None
         self.dtype, self.full_shape, self.offset = mapped.dtype, mapped.shape, mapped.offset
         del mapped
         self.rows = rows
@@ -145,32 +144,39 @@ class ImageSplit:
         return len(self.labels)
 
 
-def _read_json(path: Path, what: str):
+def _missing(path: Path, what: str, stage: str) -> StageError:
+    return StageError(f"{what} not found: {path} (run the {stage} stage first)")
+
+
+def _corrupt(path: Path, what: str, stage: str, exc: Exception) -> StageError:
+    return StageError(f"{what} {path} is unreadable or corrupt ({exc}); rerun the {stage} stage")
+
+
+def _read_json(path: Path, what: str, stage: str):
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} (run the stage that produces it)")
+        raise _missing(path, what, stage)
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise StageError(f"{what} {path} is corrupt ({exc}); rerun the stage that writes it") from None
+        raise _corrupt(path, what, stage, exc) from None
 
 
-def _load_npy(path: Path, what: str) -> np.ndarray:
+def _load_npy(path: Path, what: str, stage: str) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} (run the stage that produces it)")
+        raise _missing(path, what, stage)
     try:
         return np.load(path)
     except (ValueError, OSError) as exc:
-        raise StageError(f"{what} {path} is unreadable or corrupt ({exc}); rerun the stage "
-                         "that writes it") from None
+        raise _corrupt(path, what, stage, exc) from None
 
 
 def load_image_split(root: str | Path, name: str) -> ImageSplit:
     """One split of the prepared images (``data/prepared``), memory-mapped."""
     root = Path(root)
-    rows = _load_npy(root / f"{name}.npy", f"prepared {name} split")
-    labels = torch.from_numpy(_load_npy(root / "labels.npy", "prepared labels")[rows])
-    classes = _read_json(root / "classes.json", "prepared class list")
-    return ImageSplit(DiskArray(root / "images.npy").subset(rows), labels, classes)
+    rows = _load_npy(root / f"{name}.npy", f"prepared {name} split", "prepare")
+    labels = torch.from_numpy(_load_npy(root / "labels.npy", "prepared labels", "prepare")[rows])
+    classes = _read_json(root / "classes.json", "prepared class list", "prepare")
+    return ImageSplit(DiskArray(root / "images.npy", "prepare").subset(rows), labels, classes)
 
 
 def save_split_index(root: str | Path, splits: dict[str, np.ndarray], labels: np.ndarray,
@@ -222,14 +228,13 @@ def load_token_arrays(root: str | Path, name: str) -> TokenArrays:
     root = Path(root)
     path = token_path(root, name)
     if not path.is_file():
-        raise FileNotFoundError(f"token cache not found: {path} (run the tokenize stage)")
+        raise _missing(path, "token cache", "tokenize")
     try:
         indices = torch.from_numpy(np.load(path, mmap_mode="c"))
     except (ValueError, OSError) as exc:
-        raise StageError(f"token cache {path} is unreadable or corrupt ({exc}); rerun the "
-                         "tokenize stage") from None
-    labels = torch.from_numpy(_load_npy(root / f"{name}-labels.npy", "token labels"))
-    meta = _read_json(root / "meta.json", "token cache description")
+        raise _corrupt(path, "token cache", "tokenize", exc) from None
+    labels = torch.from_numpy(_load_npy(root / f"{name}-labels.npy", "token labels", "tokenize"))
+    meta = _read_json(root / "meta.json", "token cache description", "tokenize")
     if len(labels) != len(indices):
         raise StageError(f"{path} has {len(indices)} rows but {len(labels)} labels; rerun the "
                          "tokenize stage")

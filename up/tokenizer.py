@@ -219,6 +219,12 @@ class MultiScaleQuantizer(nn.Module):
         return self.phis[self.phi_of_scale[k]](h.contiguous())
 
     def forward(self, f: torch.Tensor) -> Quantized:
+        # Nearest-code search and residual sums in float32 even under bf16 autocast:
+        # close distances would otherwise pick other codes (VAR does the same).
+        with torch.autocast(f.device.type, enabled=False):
+            return self._quantize(f.float())
+
+    def _quantize(self, f: torch.Tensor) -> Quantized:
         batch, channels, side, _ = f.shape
         if f.shape[-2:] != (self.side, self.side):
             raise ValueError(f"latent map {tuple(f.shape)} is not {self.side} x {self.side}")

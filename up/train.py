@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from up import paths
 from up.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.config import Params
-from up.distributed import Dist, all_reduce_sum, reseed_rank
+from up.distributed import Dist, all_reduce_sum, rank_device, reseed_rank
 from up.errors import StageError
 from up.io import load_torch
 from up.loop import StepLoop, check_finite
@@ -340,8 +340,7 @@ class Run:
 
 
 def _device(params: Params, ctx: Dist) -> torch.device:
-    device = resolve_device(params.device)
-    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" else device
+    return rank_device(resolve_device(params.device), ctx)
 
 
 @dataclass
