@@ -38,6 +38,9 @@ def run(params: Params) -> None:
         raise StageError(f"missing inputs: {', '.join(missing)} "
                          "(run `dvc repro`, or `up sample` / `up evaluate` for them)")
 
+    # Before any output is written: the grids' sizes are checked as the figure is drawn.
+    samples = grids_figure({n: Path("samples") / n / "grid.png" for n in first.values()})
+
     runs = {v: {s: _read_json(Path(f"metrics/eval-{v}-s{s}.json")) for s in params.seeds}
             for v in params.runs}
     keys = [k for k, _ in MAIN_COLUMNS] + SELECTIVE_KEYS + ["kid_std", "is_std"]
@@ -51,8 +54,7 @@ def run(params: Params) -> None:
     save_json({"variants": summary, "paired": paired}, OUT / "summary.json")
     save_json(headline(summary), OUT / "metrics.json")
 
-    save_figure(grids_figure({n: Path("samples") / n / "grid.png" for n in first.values()}),
-                OUT / "samples.png")
+    save_figure(samples, OUT / "samples.png")
     plots = {n: Path("plots/eval") / n for n in first.values()}
     save_figure(reliability_figure({n: _read_json(p / "reliability.json") for n, p in plots.items()}),
                 OUT / "reliability.png")

@@ -31,7 +31,7 @@ def metrics_of(project, name: str) -> dict:
 
 
 def test_repro_writes_every_stage_output(repro):
-    for rel in ["data/prepared/train.pt", "models/tokenizer.pt", "data/tokens/train.pt",
+    for rel in ["data/prepared/images.npy", "models/tokenizer.pt", "data/tokens/train.npy",
                 "models/evaluator.pt", "models/var-ce-s0.pt", "models/var-up-s0.pt",
                 "samples/ce-s0/samples.pt", "samples/up-s0/grid.png",
                 "results/summary.md", "results/summary.json"]:

@@ -1,15 +1,30 @@
-"""The scale-up profiles are valid params files and build the models they promise."""
+"""The scale-up profiles are valid params files, build the models they promise,
+fit one 80 GB GPU, and state what they need."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from bench.profile_estimate import (
+    GB,
+    GPU_GB,
+    Probe,
+    estimate,
+    load_profile,
+    tokenizer_step,
+    world_size,
+)
 from up.config import load_params
+from up.tokenizer_training import build_tokenizer
 from up.transformer import VAR
 
-PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 GPU_PROFILES = [p for p in PROFILES if p.stem != "overconfident"]
+PARAMS_FILES = [*PROFILES, ROOT / "params.yaml"]
 
 
 def _load(profile: Path, tmp_path, monkeypatch):
@@ -51,3 +66,106 @@ def test_imagenet_profile_is_var_d16(tmp_path, monkeypatch):
                     depth=arch.depth, width=arch.width, heads=arch.heads,
                     mlp_ratio=arch.mlp_ratio, drop_path=arch.drop_path, qk_norm=arch.qk_norm)
     assert abs(model.num_parameters() / 310e6 - 1) < 0.02  # VAR-d16's published size
+
+
+@pytest.fixture(scope="module")
+def estimates():
+    """Each params file estimated once (about a second each on fake tensors)."""
+    cache = {}
+
+    def get(path: Path):
+        if path not in cache:
+            params = load_profile(path)
+            cache[path] = params, estimate(params)[0]
+        return cache[path]
+
+    return get
+
+
+@pytest.mark.parametrize("path", PARAMS_FILES, ids=[p.stem for p in PARAMS_FILES])
+def test_every_stage_fits_one_80gb_gpu(path, estimates):
+    """Tokenizer (at tokenizer.micro_batch), every variant's training step and sampling,
+    built on the meta device: activations + weights/optimiser per GPU under 80 GB."""
+    params, rows = estimates(path)
+    trained = [v for v in params.runs.values() if v.loss != "ts"]
+    assert [r.component.split(" ")[0] for r in rows] == \
+        ["tokenizer"] + ["train"] * len(trained) + ["sample", "sweep"]
+    for row in rows:
+        assert 0 < row.total < GPU_GB * GB, f"{path.name}: {row.component} {row.total / GB:.1f} GB"
+        assert row.fwd_flops > 0
+
+
+def test_estimator_by_hand():
+    """nn.Linear(1000, 1000) at batch 10: autograd keeps the input (10 x 1000 fp32) for
+    the weight's gradient, once however many views of it are used; the matmul is
+    2 x 10 x 1000 x 1000 FLOPs per call."""
+    with torch.device("meta"):
+        layer = nn.Linear(1000, 1000)
+        x = torch.empty(10, 1000)
+    with Probe(exclude=layer.parameters()) as probe:
+        layer(x)
+    assert probe.bytes == 10 * 1000 * 4
+    assert probe.flops == 2 * 10 * 1000 * 1000
+    with Probe(exclude=layer.parameters()) as probe:
+        layer(x)
+        layer(x[:5])  # a view: the same storage
+    assert probe.bytes == 10 * 1000 * 4
+    assert probe.flops == 2 * 15 * 1000 * 1000
+
+
+def test_fake_estimate_equals_a_real_step(estimates):
+    """The fake-tensor bookkeeping against the real thing: params.yaml's tokenizer step
+    on real CPU tensors saves exactly the bytes and runs the FLOPs estimated, and its
+    backward costs about twice the forward (the 3 x of the hours)."""
+    params, rows = estimates(ROOT / "params.yaml")
+    size = params.data.image_size
+    model = build_tokenizer(params.tokenizer, params.data.channels).train()
+    x = torch.rand(rows[0].micro_batch, params.data.channels, size, size) * 2 - 1
+    with Probe(exclude=model.parameters()) as forward:
+        loss = tokenizer_step(model, params.tokenizer, x, forward)
+    with Probe() as backward:
+        loss.backward()
+    assert forward.bytes == rows[0].activations
+    assert forward.flops == rows[0].fwd_flops * rows[0].micro_batch
+    assert backward.flops / forward.flops == pytest.approx(2.0, rel=0.1)
+
+
+@pytest.mark.parametrize("launcher, world", [
+    ("up", 1),
+    ("torchrun --nproc_per_node=8 -m stages.cli", 8),
+    ("torchrun --nnodes 2 --nproc-per-node 4 -m stages.cli", 8),
+])
+def test_world_size_from_launcher(launcher, world):
+    assert world_size(launcher) == world
+
+
+def test_world_size_needs_numbers():
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        world_size("torchrun --nproc_per_node=gpu -m stages.cli")
+
+
+def test_imagenet_tokenizer_batch_is_split_into_micro_batches(estimates):
+    """256 images over 8 GPUs is 32 per GPU; the profile's micro-batch takes 16 at a time."""
+    params, rows = estimates(ROOT / "profiles/imagenet256-d16.yaml")
+    assert world_size(params.launcher) == 8
+    assert params.tokenizer.micro_batch == 16 and rows[0].micro_batch == 16
+    assert rows[1].micro_batch == params.train.batch_size // 8
+
+
+def _stated(header: str, component: str) -> list[str]:
+    line = next(line for line in header.splitlines() if line.startswith(f"#   {component}  "))
+    return re.split(r"\s{2,}", line[4:].strip())
+
+
+def test_imagenet_profile_states_its_estimate(estimates):
+    """The header's table is what the script prints for the profile as it is now (to 5 %):
+    change a size or a batch and the stated memory and hours must be regenerated."""
+    path = ROOT / "profiles/imagenet256-d16.yaml"
+    header = path.read_text().split("\nseed:")[0]
+    assert "python bench/profile_estimate.py profiles/imagenet256-d16.yaml" in header
+    _, rows = estimates(path)
+    for row in rows:
+        cells = _stated(header, row.component)
+        assert int(cells[2]) == row.micro_batch, row.component
+        assert float(cells[5]) == pytest.approx(row.total / GB, rel=0.05, abs=0.1), row.component
+        assert float(cells[7]) == pytest.approx(row.hours, rel=0.05), row.component

@@ -7,8 +7,10 @@ some of them, does not depend on how the report formats its tables.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
+from up.errors import StageError
 from up.uncertainty import IMAGE_SCORES as RANKED
 
 
@@ -113,11 +115,43 @@ def correlation_figure(correlations: dict, title: str = ""):
     return fig
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, the first 24 bytes of every PNG.
+
+    PIL's Image.open also reads only the header, but it runs its own
+    decompression-bomb check there (an error above 2 x MAX_IMAGE_PIXELS, only a
+    warning between 1 x and 2 x, after which the pixels would be decoded), so the
+    size is read here, before PIL sees the file.
+    """
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise StageError(f"{path} is not a PNG file (rerun the sample stage)")
+    return struct.unpack(">II", head[16:24])
+
+
 def grids_figure(grids: dict[str, Path]):
-    """The variants' sample grids side by side."""
-    plt = _pyplot()
+    """The variants' sample grids side by side.
+
+    Every grid's size is read from its header first: a grid over PIL's pixel
+    limit (large sample.grid_classes x grid_per_class, large images) stops the
+    report with what to change, instead of gigabytes of decoding or PIL's
+    decompression-bomb error.
+    """
     from PIL import Image
 
+    limit = Image.MAX_IMAGE_PIXELS
+    for path in grids.values():
+        width, height = _png_size(path)
+        if limit is not None and width * height > limit:
+            raise StageError(
+                f"{path} is {width} x {height} px ({width * height / 1e6:.0f} MP), over the "
+                f"{limit / 1e6:.0f} MP the report opens: lower sample.grid_classes or "
+                "sample.grid_per_class and rerun the sample stage")
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
     for ax, (label, path) in zip(axes[0], grids.items(), strict=True):
         with Image.open(path) as img:
