@@ -9,9 +9,11 @@ default batch) in a fresh process per setting, each once on the idle machine
 and once next to one busy process (a pure-Python spin loop, like a browser
 tab or a second experiment taking a core):
 
-- ``threads 2``: torch's intra-op pool on both cores, OpenMP's default waiting;
+- ``threads 2``: torch's intra-op pool on both cores, OpenMP's default waiting
+  (idle threads spin for a while before they sleep);
 - ``threads 2 passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle
-  OpenMP threads sleep instead of spinning);
+  OpenMP threads sleep at once), which the `up` commands set by default
+  (stages/__init__.py);
 - ``threads 1``: one intra-op thread.
 
 Settings are interleaved over ``--rounds`` so drifting load hits all alike;
@@ -64,7 +66,7 @@ def worker(threads: int, steps: int) -> None:
 
 def measure(name: str, steps: int, busy: bool) -> float:
     threads, extra = SETTINGS[name]
-    env = {**os.environ, **extra}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | extra
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         done = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--steps",

@@ -13,7 +13,7 @@ import torch
 
 from up import paths
 from up.config import Params
-from up.data import RawData, decoded, load_source, stratified_split
+from up.data import RawData, decoded, load_source, spread_classes, stratified_split
 from up.errors import StageError
 from up.io import save_image_grid, save_json
 from up.runtime import progress
@@ -25,9 +25,8 @@ BLOCK = 512  # images written per block
 def preview_rows(labels: torch.Tensor, classes: int, per_class: int, max_classes: int) -> list[int]:
     """Row numbers of the preview grid: the first ``per_class`` items of at most
     ``max_classes`` classes, evenly spaced over the class ids; -1 pads a short class."""
-    shown = torch.linspace(0, classes - 1, min(classes, max_classes)).round().long().unique()
     rows = []
-    for cls in shown.tolist():
+    for cls in spread_classes(torch.arange(classes), max_classes).tolist():
         members = torch.nonzero(labels == cls).flatten()[:per_class].tolist()
         rows += members + [-1] * (per_class - len(members))
     return rows

@@ -17,6 +17,7 @@ import torch
 
 from up import paths
 from up.config import Params, SampleParams
+from up.data import spread_classes
 from up.distributed import distributed
 from up.io import save_figure, save_image_grid, save_json, save_torch
 from up.runtime import resolve_device
@@ -27,22 +28,13 @@ from up.transformer import load_var_and_temperatures
 TOKENIZER = paths.TOKENIZER
 
 
-def grid_classes(classes: torch.Tensor, limit: int) -> torch.Tensor:
-    """At most ``limit`` of the (sorted) class ids, evenly spaced over them: a grid of
-    1,000 ImageNet classes shows a spread of them, not the first few (and stays an image
-    that viewers open)."""
-    if len(classes) <= limit:
-        return classes
-    return classes[torch.arange(limit) * len(classes) // limit]
-
-
 def grid_rows(labels: torch.Tensor, num_rows: int, per_row: int) -> torch.Tensor:
     """Indices of the images in the grid: the first ``per_row`` of each of at most
     ``num_rows`` classes spread over the labels (unconditional: the first images,
     ``per_row`` per row)."""
     if (labels < 0).all():
         return torch.arange(min(len(labels), num_rows * per_row))
-    classes = grid_classes(labels.unique(), num_rows).tolist()
+    classes = spread_classes(labels.unique(), num_rows).tolist()
     rows = [torch.nonzero(labels == c).flatten()[:per_row] for c in classes]
     return torch.cat(rows)
 

@@ -19,9 +19,10 @@ from torch.utils.data import Dataset
 from torch_fidelity import calculate_metrics
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-from stages.sample import grid_classes, grid_rows, save_figures
+from stages.sample import grid_rows, save_figures
 from tests.project import CLASSES, PATCH_NUMS, ROOT, V, copy_project, make_project, run
 from up.config import SampleParams, load_params
+from up.data import spread_classes
 from up.distributed import Dist
 from up.errors import StageError
 from up.evaluator import Evaluator, save_evaluator
@@ -48,11 +49,11 @@ SIDE = 8  # the tiny tokenizer's image side (make_project)
 # -- grids ---------------------------------------------------------------------
 
 def test_grid_classes_are_spread_over_many_classes_and_all_of_few():
-    many = grid_classes(torch.arange(1000), 16)
+    many = spread_classes(torch.arange(1000), 16)
     assert many.tolist() == [i * 1000 // 16 for i in range(16)]  # 0, 62, ..., 937
     assert len(set(many.tolist())) == 16 and many.max() > 900
-    assert grid_classes(torch.arange(10), 16).tolist() == list(range(10))
-    assert grid_classes(torch.tensor([3, 7, 9]), 2).tolist() == [3, 7]
+    assert spread_classes(torch.arange(10), 16).tolist() == list(range(10))
+    assert spread_classes(torch.tensor([3, 7, 9]), 2).tolist() == [3, 7]
 
 
 def test_grid_rows_of_10_classes_are_unchanged_and_of_1000_bounded():

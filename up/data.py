@@ -219,6 +219,15 @@ def conform(image: torch.Tensor, channels: int, size: int, fit: str) -> torch.Te
     return F.pad(image, (left, size - w - left, top, size - h - top))
 
 
+def spread_classes(classes: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most ``limit`` of the (sorted) class ids, evenly spaced over them: a grid of
+    1,000 ImageNet classes shows a spread of them, not the first few (and stays an
+    image viewers open)."""
+    if len(classes) <= limit:
+        return classes
+    return classes[torch.arange(limit) * len(classes) // limit]
+
+
 def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: float,
                      seed: int) -> dict[str, torch.Tensor]:
     """Per-class seeded permutation, cut into test / val / train index sets."""

@@ -51,14 +51,17 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_torch(path: str | os.PathLike, what: str = "file") -> Any:
-    """torch.load with a clear error naming the missing or unreadable file."""
+    """torch.load with a clear error naming the missing or unreadable file.
+
+    Tensors are memory-mapped (copy-on-write): a 10 GB samples file read by
+    eight evaluate ranks is paged in on use and shared, not copied eight times."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path} (run the stage that produces it)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
         from up.errors import StageError
 
