@@ -14,8 +14,7 @@ batch: many small convolutions, where waking threads costs most):
 - ``threads 2``: torch's intra-op pool on both cores, OpenMP's default waiting
   (idle threads spin for a while before they sleep);
 - ``threads 2 passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle
-  OpenMP threads sleep at once), which the `up` commands set by default
-  (stages/__init__.py);
+  OpenMP threads sleep at once);
 - ``threads 1``: one intra-op thread.
 
 Settings are interleaved over ``--rounds`` so drifting load hits all alike;
