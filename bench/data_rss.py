@@ -14,28 +14,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from measure import cpu_model, run_measured, save_report
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 UP = Path(sys.executable).parent / "up"
 CLASSES = 10
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def make_folder(root: Path, n: int, side: int = 32) -> None:
@@ -66,17 +58,6 @@ def make_project(dest: Path, folder: Path, workers: int) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=dest, check=True)
 
 
-def peak_rss(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """(peak RSS in MiB of the command and its waited-for children, wall seconds)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, wall
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[5000, 40000])
@@ -91,12 +72,12 @@ def main() -> None:
             project.mkdir()
             make_folder(folder, n)
             make_project(project, folder, args.workers)
-            rows[n] = {stage: peak_rss([str(UP), stage], project)
+            rows[n] = {stage: run_measured([str(UP), stage], f"up {stage}", project)
                        for stage in ("prepare", "tokenize")}
             size = sum(f.stat().st_size for f in (project / "data").rglob("*") if f.is_file())
             rows[n]["data_mib"] = size / 2**20
             print(f"N={n}: " + ", ".join(f"{s} {rss:.0f} MiB ({wall:.1f} s)"
-                                         for s, (rss, wall) in list(rows[n].items())[:2]))
+                                         for s, (wall, rss) in list(rows[n].items())[:2]))
     small, large = args.sizes
     lines = [
         "# Peak RSS of prepare and tokenize vs the number of images",
@@ -110,16 +91,14 @@ def main() -> None:
     ]
     for n in args.sizes:
         for stage in ("prepare", "tokenize"):
-            rss, wall = rows[n][stage]
+            wall, rss = rows[n][stage]
             lines.append(f"| {stage} | {n} | {rss:.0f} | {wall:.1f} | {rows[n]['data_mib']:.1f} |")
     lines.append("")
     for stage in ("prepare", "tokenize"):
-        ratio = rows[large][stage][0] / rows[small][stage][0]
+        ratio = rows[large][stage][1] / rows[small][stage][1]
         verdict = "ok" if ratio <= 1.3 else "ABOVE 1.3"
         lines.append(f"- {stage}: RSS({large}) / RSS({small}) = {ratio:.3f} ({verdict})")
-    text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
-    print(text)
+    print(save_report(lines, args.out))
 
 
 if __name__ == "__main__":

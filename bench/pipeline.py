@@ -20,9 +20,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
+
+from measure import run_measured, save_report
 
 BIN = Path(sys.executable).parent
 
@@ -35,14 +36,8 @@ def stage_names() -> list[str]:
 
 def run_stage(name: str) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one forced stage run."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "--single-item", "--force", name],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"stage {name} failed:\n{proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return run_measured([str(BIN / "dvc"), "repro", "--single-item", "--force", name],
+                        f"stage {name}")
 
 
 def main() -> None:
@@ -64,8 +59,7 @@ def main() -> None:
              "| stage | wall time (s) | peak RSS (MiB) |", "|---|---:|---:|"]
     lines += [f"| {name} | {wall:.1f} | {rss:.0f} |" for name, wall, rss in rows]
     lines += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | **{peak:.0f}** (max) |"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    save_report(lines, args.out)
     print(f"total {total / 60:.1f} min, peak RSS {peak:.0f} MiB -> {args.out}")
 
 

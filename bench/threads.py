@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from measure import cpu_model, save_report
+
 SETTINGS = {"threads 2": (2, {}), "threads 2 passive": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
             "threads 1": (1, {})}
 WORKLOADS = ("transformer", "tokenizer")
@@ -135,10 +137,8 @@ def main() -> None:
                     results.setdefault((workload, name, busy), []).append(ms)
                     print(f"{workload:11s} {name:18s} {'busy' if busy else 'idle'}: {ms:.1f} "
                           "ms/step", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), "unknown CPU")
     lines = ["# Training step time next to one busy process", "",
-             f"`python bench/threads.py --steps {args.steps} --rounds {args.rounds}` on {cpu} "
+             f"`python bench/threads.py --steps {args.steps} --rounds {args.rounds}` on {cpu_model()} "
              f"({os.cpu_count()} cores); default transformer (ce loss) and tokenizer of "
              "params.yaml at their default batches; median over rounds of each run's median "
              "step.", "",
@@ -149,9 +149,7 @@ def main() -> None:
             idle = statistics.median(results[(workload, name, False)])
             busy = statistics.median(results[(workload, name, True)])
             lines.append(f"| {workload} | {name} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f} |")
-    text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
-    print(text)
+    print(save_report(lines, args.out))
 
 
 if __name__ == "__main__":

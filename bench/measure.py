@@ -1,0 +1,37 @@
+"""What the benchmark scripts share: a command's wall time and peak memory, and the CPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+
+def run_measured(cmd: list[str], what: str, cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of ``cmd``: the largest resident set of the process
+    and its waited-for children (wait4's rusage; ru_maxrss is in KiB on Linux)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name (quote times with it: machines differ 2-3x)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def save_report(lines: list[str], out: Path) -> str:
+    """Write a benchmark's markdown lines to ``out``; the text, for printing."""
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
