@@ -49,8 +49,8 @@ def make_project(dest: Path, folder: Path, workers: int) -> None:
     params["data"].update(source="imagefolder", root=str(folder), channels=3, image_size=32,
                           workers=workers)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    code = ("from up.config import load_params; from up.io import save_torch;"
-            "from up.tokenizer_training import build_tokenizer; import torch;"
+    code = ("from up.core.params import load_params; from up.core.io import save_torch;"
+            "from up.training.tokenizer import build_tokenizer; import torch;"
             "p = load_params(); torch.manual_seed(0); m = build_tokenizer(p.tokenizer, 3);"
             "save_torch({'config': m.config, 'state_dict': m.state_dict(),"
             "'code_to_cluster': torch.zeros(m.vocab_size, dtype=torch.long),"

@@ -36,12 +36,12 @@ import time
 
 import torch
 
-from up.config import load_params
-from up.empirical import EmpiricalReference
-from up.losses import build_token_loss
-from up.references import EmpiricalTableReference, TeacherReference
-from up.runtime import setup
-from up.transformer import VAR
+from up.core.params import load_params
+from up.core.runtime import setup
+from up.models.transformer import VAR
+from up.training.empirical import EmpiricalReference
+from up.training.losses import build_token_loss
+from up.training.references import EmpiricalTableReference, TeacherReference
 
 NUM_CLASSES = 10
 

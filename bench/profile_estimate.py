@@ -45,11 +45,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from up.config import Params, TokenizerParams
-from up.losses import build_token_loss
-from up.tokenizer import MultiScaleVQVAE
-from up.tokenizer_training import build_tokenizer
-from up.transformer import VAR
+from up.core.params import Params, TokenizerParams
+from up.models.tokenizer import MultiScaleVQVAE
+from up.models.transformer import VAR
+from up.training.losses import build_token_loss
+from up.training.tokenizer import build_tokenizer
 
 PEAK_TFLOPS = 989.0  # H100 SXM, bf16 dense
 MFU = 0.35
@@ -263,7 +263,7 @@ def tokenizer_row(params: Params, model: MultiScaleVQVAE, s: Setting) -> Row:
 
 
 def build_losses(params: Params) -> dict[str, torch.nn.Module]:
-    """The trained variants' losses as up.train.build_loss makes them, with stand-in
+    """The trained variants' losses as up.training.run.build_loss makes them, with stand-in
     code clusters; built on real tensors, since their constructors read buffer values."""
     tp = params.tokenizer
     context = dict(code_to_cluster=torch.arange(tp.vocab_size) % tp.semantic_clusters,
@@ -319,7 +319,7 @@ def _generation_cost(var: VAR, tokenizer: MultiScaleVQVAE, s: Setting, bf16: boo
     """(transformer FLOPs, decoder FLOPs, KV-cache bytes) of generating one sequence.
 
     One full-sequence forward with the cache on stands in for the KV-cached
-    pass of up.sampling.sample: the same cache at the end, the same work but for
+    pass of up.generation.sampler.sample: the same cache at the end, the same work but for
     the masked-out attention blocks (~10 % of the FLOPs at VAR-d16's sizes), and
     a tenth of the ops to fake."""
     with torch.no_grad(), bf16_autocast(s.device, bf16):

@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from up.config import load_params
-from up.runtime import resolve_device, setup
-from up.sampling import sample
-from up.tokenizer_training import build_tokenizer
-from up.transformer import VAR
+from up.core.params import load_params
+from up.core.runtime import resolve_device, setup
+from up.generation.sampler import sample
+from up.models.transformer import VAR
+from up.training.tokenizer import build_tokenizer
 
 NUM_CLASSES = 10
 MODES = {"cache": True, "no-cache": False}

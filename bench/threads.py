@@ -43,7 +43,7 @@ def _transformer_step(params):
     import torch
     import torch.nn.functional as F
 
-    from up.transformer import VAR
+    from up.models.transformer import VAR
 
     tp, batch = params.tokenizer, params.train.batch_size
     model = VAR(tp.vocab_size, tp.latent_channels, tp.patch_nums, 10,
@@ -66,8 +66,8 @@ def _tokenizer_step(params):
     import torch
     import torch.nn.functional as F
 
-    from up.tokenizer import to_float
-    from up.tokenizer_training import build_tokenizer
+    from up.models.tokenizer import to_float
+    from up.training.tokenizer import build_tokenizer
 
     tp, side = params.tokenizer, params.data.image_size
     model = build_tokenizer(tp, params.data.channels).to(memory_format=torch.channels_last)
@@ -86,8 +86,8 @@ def _tokenizer_step(params):
 
 def worker(workload: str, threads: int, steps: int) -> None:
     """Print the median ms of ``steps`` timed training steps (after 3 untimed)."""
-    from up.config import load_params
-    from up.runtime import setup
+    from up.core.params import load_params
+    from up.core.runtime import setup
 
     params = load_params()
     setup(0, threads)

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from up.paths import TOKENIZER
+from up.core import paths
 
 app = typer.Typer(
     help="Uncertainty-preserving visual autoregression: the pipeline's stage commands.",
@@ -35,7 +35,7 @@ def _fail(lines: list[str], code: int) -> None:
 
 
 def _params(variant: str | None = None):
-    from up.config import ParamsError, load_params
+    from up.core.params import ParamsError, load_params
 
     try:
         params = load_params()
@@ -72,8 +72,8 @@ def _run(stage: str, seed: int | None = None, variant: str | None = None, featur
     params = _params(variant)
     if features and (problems := _offline_inception(params)):
         _fail(problems, 2)
-    from up.errors import StageError
-    from up.runtime import setup
+    from up.core.errors import StageError
+    from up.core.runtime import setup
 
     setup(params.seed if seed is None else seed, params.threads)
     module = importlib.import_module(f"stages.{stage}")
@@ -156,7 +156,7 @@ def report() -> None:
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="A models/var-*.pt file.")],
     out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("generated.png"),
-    tokenizer_path: Annotated[Path, typer.Option("--tokenizer")] = TOKENIZER,
+    tokenizer_path: Annotated[Path, typer.Option("--tokenizer")] = paths.TOKENIZER,
     classes: Annotated[str, typer.Option(help="Comma-separated class ids.")] = "0,1,2,3,4,5,6,7,8,9",
     n: Annotated[int, typer.Option(help="Images per class.")] = 8,
     seed: int = 0,
@@ -180,7 +180,7 @@ def import_var(
     vae: Annotated[Path | None, typer.Option(help="VAR's VQ-VAE, e.g. vae_ch160v4096z32.pth.")] = None,
     var: Annotated[Path | None, typer.Option(help="VAR's transformer, e.g. var_d16.pth.")] = None,
     tokenizer_out: Annotated[Path, typer.Option(help="Our tokenizer checkpoint to write.")
-                             ] = TOKENIZER,
+                             ] = paths.TOKENIZER,
     var_out: Annotated[Path | None, typer.Option(help="Our transformer checkpoint to write "
                                                  "(default: models/var-d<depth>-imported.pt).")] = None,
     clusters: Annotated[int | None, typer.Option(help="Codebook clusters for semantic entropy "

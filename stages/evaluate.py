@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import torch
 
-from up import paths
-from up.calibration import CalibrationMeter
-from up.config import Params
-from up.distributed import Dist, distributed
-from up.errors import StageError
-from up.fidelity import (
+from up.core import paths
+from up.core.distributed import Dist, distributed
+from up.core.errors import StageError
+from up.core.io import load_torch, save_figure, save_json
+from up.core.params import Params
+from up.core.runtime import resolve_device
+from up.core.sharding import map_batches
+from up.data.splits import load_image_split
+from up.data.tokens import load_token_split
+from up.evaluation.calibration import CalibrationMeter
+from up.evaluation.fidelity import (
     FidelityConfig,
     ImageFeatures,
     SubsetQuality,
@@ -39,15 +44,13 @@ from up.fidelity import (
     load_reference_stats,
     quality_from_features,
 )
-from up.figures import (
+from up.evaluation.figures import (
     correlation_figure,
     reliability_figure,
     risk_coverage_figure,
     selective_figure,
 )
-from up.io import load_torch, save_figure, save_json
-from up.runtime import resolve_device
-from up.selective import (
+from up.evaluation.selective import (
     class_accuracy,
     class_diversity,
     density_coverage,
@@ -59,12 +62,10 @@ from up.selective import (
     selective_statistics,
     stratified_curves,
 )
-from up.sharding import map_batches
-from up.splits import load_image_split
-from up.tokenizer import load_tokenizer
-from up.tokens import load_token_split, predict
-from up.transformer import load_var_and_temperatures
-from up.uncertainty import image_scores
+from up.generation.scores import image_scores
+from up.models.temperature import predict
+from up.models.tokenizer import load_tokenizer
+from up.models.transformer import load_var_and_temperatures
 
 EVALUATOR, TOKENIZER = paths.EVALUATOR, paths.TOKENIZER
 

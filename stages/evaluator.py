@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from up import paths
-from up.config import Params
-from up.evaluator import accuracy, save_evaluator, train_evaluator
-from up.io import save_json
-from up.runtime import resolve_device
-from up.splits import load_image_split
+from up.core import paths
+from up.core.io import save_json
+from up.core.params import Params
+from up.core.runtime import resolve_device
+from up.data.splits import load_image_split
+from up.evaluation.evaluator import accuracy, save_evaluator, train_evaluator
 
 
 def run(params: Params) -> None:

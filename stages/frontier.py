@@ -5,7 +5,7 @@ and writes results/frontier.md (recall at matched precision and within-class
 diversity at matched class accuracy, mean and interval over seeds, paired
 differences with the teacher and its temperature-scaled versions),
 results/frontier.json (the same, the levels and the mean curves) and
-results/frontier.png (the three frontier panels). The rules are in up/frontier.py.
+results/frontier.png (the three frontier panels). The rules are in up/evaluation/frontier.py.
 """
 
 from __future__ import annotations
@@ -13,22 +13,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from up.config import Params
-from up.errors import StageError
-from up.frontier import frontier_figure, markdown, summarize, sweep_path
-from up.io import save_figure, save_json, save_text
+from up.core import paths
+from up.core.errors import StageError
+from up.core.io import save_figure, save_json, save_text
+from up.core.params import Params
+from up.evaluation.frontier import frontier_figure, markdown, summarize
 
 OUT = Path("results")
 
 
 def run(params: Params) -> None:
-    paths = {v: {s: sweep_path(v, s) for s in params.seeds} for v in params.runs}
-    missing = [str(p) for by_seed in paths.values() for p in by_seed.values() if not p.is_file()]
+    sweeps = {v: {s: paths.sweep(v, s) for s in params.seeds} for v in params.runs}
+    missing = [str(p) for by_seed in sweeps.values() for p in by_seed.values() if not p.is_file()]
     if missing:
         raise StageError(f"missing inputs: {', '.join(missing)} (run `dvc repro`, or `up sweep` "
                          "for them)")
     sweeps = {v: {s: json.loads(p.read_text()) for s, p in by_seed.items()}
-              for v, by_seed in paths.items()}
+              for v, by_seed in sweeps.items()}
     baselines = [params.teacher] + [n for n, v in params.derived.items() if v.loss == "ts"]
     fixed = {"precision": params.sweep.match_precision,
              "class_accuracy": params.sweep.match_class_accuracy}

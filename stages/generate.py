@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from up.config import Params
-from up.errors import StageError
-from up.io import save_image_grid
-from up.runtime import resolve_device
-from up.sampling import sample
-from up.tokenizer import load_code_clusters, load_tokenizer
-from up.transformer import load_var_and_temperatures
+from up.core.errors import StageError
+from up.core.io import save_image_grid
+from up.core.params import Params
+from up.core.runtime import resolve_device
+from up.generation.sampler import sample
+from up.models.tokenizer import load_code_clusters, load_tokenizer
+from up.models.transformer import load_var_and_temperatures
 
 
 def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n: int,

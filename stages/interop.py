@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from up.config import Params
-from up.errors import StageError
-from up.interop import check_pair, export_vae, export_var, import_vae, import_var
-from up.io import load_torch, save_torch
-from up.tokenizer import load_tokenizer
-from up.tokenizer_training import cluster_codebook
-from up.transformer import load_var_and_temperatures
+from up.core.errors import StageError
+from up.core.io import load_torch, save_torch
+from up.core.params import Params
+from up.models.interop import check_pair, export_vae, export_var, import_vae, import_var
+from up.models.tokenizer import load_tokenizer
+from up.models.transformer import load_var_and_temperatures
+from up.training.tokenizer import cluster_codebook
 
 
 def load_state_dict(path: Path, what: str) -> Mapping[str, torch.Tensor]:

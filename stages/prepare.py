@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from up import paths
-from up.config import Params
-from up.data import RawData, decoded, load_source, spread_classes, stratified_split
-from up.errors import StageError
-from up.io import save_image_grid, save_json
-from up.runtime import progress
-from up.splits import array_writer, load_image_split, save_split_index
+from up.core import paths
+from up.core.errors import StageError
+from up.core.io import save_image_grid, save_json
+from up.core.params import Params
+from up.core.runtime import progress
+from up.data.sources import RawData, decoded, load_source, spread_classes, stratified_split
+from up.data.splits import array_writer, load_image_split, save_split_index
 
 BLOCK = 512  # images written per block
 

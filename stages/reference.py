@@ -9,13 +9,13 @@ the val tokens, go to metrics/reference.json.
 
 from __future__ import annotations
 
-from up import paths
-from up.config import Params
-from up.empirical import select_reference
-from up.errors import StageError
-from up.io import load_torch, save_json, save_torch
-from up.splits import load_token_arrays
-from up.tokens import training_ids
+from up.core import paths
+from up.core.errors import StageError
+from up.core.io import load_torch, save_json, save_torch
+from up.core.params import Params
+from up.data.splits import load_token_arrays
+from up.data.tokens import training_ids
+from up.training.empirical import select_reference
 
 
 def run(params: Params) -> None:

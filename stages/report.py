@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from up.config import Params
-from up.errors import StageError
-from up.figures import grids_figure, reliability_figure, risk_coverage_figure
-from up.io import save_figure, save_json, save_text
-from up.report import (
+from up.core.errors import StageError
+from up.core.io import save_figure, save_json, save_text
+from up.core.params import Params
+from up.evaluation.figures import grids_figure, reliability_figure, risk_coverage_figure
+from up.evaluation.report import (
     MAIN_COLUMNS,
     PAIRED_KEYS,
     SELECTIVE_KEYS,

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from up import paths
-from up.config import Params, SampleParams
-from up.data import spread_classes
-from up.distributed import distributed
-from up.io import save_figure, save_image_grid, save_json, save_torch
-from up.runtime import resolve_device
-from up.sampling import sample_many
-from up.tokenizer import load_code_clusters, load_tokenizer
-from up.transformer import load_var_and_temperatures
+from up.core import paths
+from up.core.distributed import distributed
+from up.core.io import save_figure, save_image_grid, save_json, save_torch
+from up.core.params import Params, SampleParams
+from up.core.runtime import resolve_device
+from up.data.sources import spread_classes
+from up.generation.sampler import sample_many
+from up.models.tokenizer import load_code_clusters, load_tokenizer
+from up.models.transformer import load_var_and_temperatures
 
 TOKENIZER = paths.TOKENIZER
 

@@ -26,20 +26,19 @@ from collections.abc import Callable
 
 import torch
 
-from up.config import Params
-from up.distributed import Dist, distributed
-from up.errors import StageError
-from up.fidelity import ImageFeatures, SubsetQuality, config_from_params, image_features
-from up.frontier import sweep_path
-from up.io import save_json
-from up.paths import EVALUATOR, PREPARED, TOKENIZER, model, run_tag
-from up.runtime import resolve_device
-from up.sampling import batch_sampler
-from up.selective import class_accuracy, on_class_diversity
-from up.sharding import cat_dicts, map_batches
-from up.splits import load_image_split
-from up.tokenizer import load_code_clusters, load_tokenizer
-from up.transformer import load_var_and_temperatures
+from up.core import paths
+from up.core.distributed import Dist, distributed
+from up.core.errors import StageError
+from up.core.io import save_json
+from up.core.params import Params
+from up.core.runtime import resolve_device
+from up.core.sharding import cat_dicts, map_batches
+from up.data.splits import load_image_split
+from up.evaluation.fidelity import ImageFeatures, SubsetQuality, config_from_params, image_features
+from up.evaluation.selective import class_accuracy, on_class_diversity
+from up.generation.sampler import batch_sampler
+from up.models.tokenizer import load_code_clusters, load_tokenizer
+from up.models.transformer import load_var_and_temperatures
 
 
 def guidance_row(sampler: Callable, net: ImageFeatures, labels: torch.Tensor, batch_size: int,
@@ -62,15 +61,15 @@ def run(params: Params, variant: str, seed: int) -> None:
     sw, sp, ev = params.sweep, params.sample, params.evaluate
     kappa = float(getattr(params.variant(variant), "kappa", 1.0))
     device = resolve_device(params.device)
-    tag = run_tag(variant, seed)
-    checkpoint = model(variant, seed)
-    test = load_image_split(PREPARED, "test")
-    config = config_from_params(ev, str(EVALUATOR), device.type == "cuda", seed)
+    tag = paths.run_tag(variant, seed)
+    checkpoint = paths.model(variant, seed)
+    test = load_image_split(paths.PREPARED, "test")
+    config = config_from_params(ev, str(paths.EVALUATOR), device.type == "cuda", seed)
     bf16 = device.type == "cuda" and params.train.bf16
 
     with distributed(device.type) as ctx:
-        tokenizer = load_tokenizer(TOKENIZER, device)
-        code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
+        tokenizer = load_tokenizer(paths.TOKENIZER, device)
+        code_to_cluster, num_clusters = load_code_clusters(paths.TOKENIZER)
         var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
         var = var.to(device)
         labels = torch.arange(var.num_classes).repeat_interleave(sw.n_per_class)
@@ -78,7 +77,7 @@ def run(params: Params, variant: str, seed: int) -> None:
             raise StageError(f"{len(labels)} samples per guidance value; precision/recall needs "
                              f"more than evaluate.pr_neighborhood={ev.pr_neighborhood} (raise "
                              "sweep.n_per_class)")
-        net = ImageFeatures(config, EVALUATOR, device)
+        net = ImageFeatures(config, paths.EVALUATOR, device)
         real = image_features(test.images, net.fidelity, config.batch_size, ctx,
                               "features test split")
         quality = None if real is None else SubsetQuality(real["fid"], config)
@@ -108,4 +107,4 @@ def run(params: Params, variant: str, seed: int) -> None:
                "top_k": sp.top_k, "top_p": sp.top_p, "device": str(device), "bf16": bf16,
                "scale_temperatures": None if scale_temperatures is None
                else scale_temperatures.tolist(), "rows": rows},
-              sweep_path(variant, seed))
+              paths.sweep(variant, seed))

@@ -1,17 +1,17 @@
 """tokenize: encode every split once, so transformer training never runs the encoder.
 
 Images are read and token rows written one batch at a time (memory-mapped
-arrays, see up/splits.py): the stage's memory does not grow with the data.
+arrays, see up/data/splits.py): the stage's memory does not grow with the data.
 """
 
 from __future__ import annotations
 
 import torch
 
-from up import paths
-from up.config import Params
-from up.runtime import progress, resolve_device
-from up.splits import (
+from up.core import paths
+from up.core.params import Params
+from up.core.runtime import progress, resolve_device
+from up.data.splits import (
     SPLITS,
     array_writer,
     load_image_split,
@@ -19,7 +19,7 @@ from up.splits import (
     save_token_meta,
     token_path,
 )
-from up.tokenizer import index_dtype, load_tokenizer, tokenize_images
+from up.models.tokenizer import index_dtype, load_tokenizer, tokenize_images
 
 BATCH = 256
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from up import paths
-from up.config import Params
-from up.distributed import Dist, distributed, rank_device
-from up.errors import StageError
-from up.io import load_torch, save_image_grid, save_json, save_torch, save_tsv
-from up.runtime import resolve_device
-from up.splits import load_image_split
-from up.tokenizer_training import (
+from up.core import paths
+from up.core.distributed import Dist, distributed, rank_device
+from up.core.errors import StageError
+from up.core.io import load_torch, save_image_grid, save_json, save_torch, save_tsv
+from up.core.params import Params
+from up.core.runtime import resolve_device
+from up.data.splits import load_image_split
+from up.training.tokenizer import (
     build_tokenizer,
     cluster_codebook,
     evaluate_tokenizer,
@@ -35,7 +35,7 @@ MODEL = paths.TOKENIZER
 def given_tokenizer(path: Path, tp, channels: int):
     """(model, its code clusters or None) of ``tokenizer.init_from``, checked against
     the params that the rest of the pipeline reads."""
-    from up.tokenizer import load_tokenizer
+    from up.models.tokenizer import load_tokenizer
 
     model = load_tokenizer(path, "cpu")
     want = {"vocab_size": tp.vocab_size, "latent_channels": tp.latent_channels,

@@ -11,12 +11,12 @@ Under torchrun every process runs this; rank 0 writes the outputs.
 
 from __future__ import annotations
 
-from up import paths
-from up.config import Params
-from up.distributed import distributed
-from up.io import save_json, save_torch, save_tsv
-from up.runtime import resolve_device
-from up.train import (
+from up.core import paths
+from up.core.distributed import distributed
+from up.core.io import save_json, save_torch, save_tsv
+from up.core.params import Params
+from up.core.runtime import resolve_device
+from up.training.run import (
     RunPaths,
     build_run,
     finish,

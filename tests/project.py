@@ -12,18 +12,18 @@ import numpy as np
 import torch
 import yaml
 
-from up.config import Params
-from up.io import save_torch
-from up.runtime import setup
-from up.splits import (
+from up.core.io import save_torch
+from up.core.params import Params
+from up.core.runtime import setup
+from up.data.splits import (
     array_writer,
     save_split_index,
     save_token_labels,
     save_token_meta,
     token_path,
 )
-from up.tokenizer import MultiScaleVQVAE
-from up.train import RunPaths, build_run, finish, train
+from up.models.tokenizer import MultiScaleVQVAE
+from up.training.run import RunPaths, build_run, finish, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -156,3 +156,13 @@ def train_tiny(root, params: dict, variant="ce", checkpoint="ckpt.pt", teacher=N
     state = build_run(Params(**params), variant, 0, paths)
     train(state, paths.checkpoint)
     return finish(state, Params(**params))
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    """A .pt whose unpickling would create ``marker`` (a __reduce__ payload), written by
+    another process so the class is unknown here, as for a downloaded file."""
+    script = (f"import torch, pathlib\nclass P:\n    def __reduce__(self):\n"
+              f"        return (pathlib.Path.touch, (pathlib.Path({str(marker)!r}),))\n"
+              f"torch.save({{'state_dict': P()}}, {str(path)!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    return path

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from up.calibration import (
+from up.evaluation.calibration import (
     CalibrationMeter,
     expected_calibration_error,
     reliability_bins,

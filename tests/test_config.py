@@ -52,8 +52,8 @@ def test_stage_failures_are_one_line_errors_with_exit_code_1(tmp_path):
 
     import torch
 
-    from up.io import save_torch
-    from up.tokenizer import MultiScaleVQVAE
+    from up.core.io import save_torch
+    from up.models.tokenizer import MultiScaleVQVAE
 
     root = Path(__file__).resolve().parents[1]
     shutil.copy(root / "params.yaml", tmp_path / "params.yaml")

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from tests.project import copy_project, run
-from up.data import conform, decoded, load_imagefolder, load_source, read_image, stratified_split
-from up.errors import StageError
-from up.splits import DiskArray, array_writer, load_image_split
+from up.core.errors import StageError
+from up.data.sources import conform, decoded, load_imagefolder, load_source, read_image, stratified_split
+from up.data.splits import DiskArray, array_writer, load_image_split
 
 
 @pytest.mark.parametrize("source, n, side", [("mnist5k", 5000, 28), ("digits", 1797, 8)])

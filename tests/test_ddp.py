@@ -13,7 +13,7 @@ import yaml
 
 from tests.project import make_project, tiny_params, train_tiny
 from tests.test_train import Interrupted, failing_loss
-from up.io import load_torch
+from up.core.io import load_torch
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 

@@ -1,4 +1,4 @@
-"""The sparse empirical reference (up.empirical) against hand counts and its own cheap paths."""
+"""The sparse empirical reference (up.training.empirical) against hand counts and its own cheap paths."""
 
 import io
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import up.empirical as empirical
-from up.empirical import CONTEXTS, EmpiricalReference, select_reference
+import up.training.empirical as empirical
+from up.training.empirical import CONTEXTS, EmpiricalReference, select_reference
 
 # patch_nums [1, 2], V = 3, C = 2 (label 2 = no class), L = 5: three images written out by hand.
 PN, V, C, A0 = [1, 2], 3, 2, 1.5

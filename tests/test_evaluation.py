@@ -10,9 +10,15 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from up.data import load_digits
-from up.evaluator import accuracy, evaluator_outputs, load_evaluator, save_evaluator, train_evaluator
-from up.fidelity import (
+from up.data.sources import load_digits
+from up.evaluation.evaluator import (
+    accuracy,
+    evaluator_outputs,
+    load_evaluator,
+    save_evaluator,
+    train_evaluator,
+)
+from up.evaluation.fidelity import (
     EVALUATOR_EXTRACTOR,
     INCEPTION_EXTRACTOR,
     EvaluatorFeatureExtractor,
@@ -23,7 +29,7 @@ from up.fidelity import (
     frechet_distance,
     register_evaluator,
 )
-from up.selective import (
+from up.evaluation.selective import (
     class_accuracy,
     class_diversity,
     kept_count,
@@ -263,8 +269,8 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
 
     from stages import evaluate as stage
     from tests.project import ROOT, save_prepared
-    from up.config import load_params
-    from up.io import save_torch
+    from up.core.io import save_torch
+    from up.core.params import load_params
 
     _, (real_x, real_y), (held_x, held_y) = digits
     order = torch.argsort(held_y, stable=True)

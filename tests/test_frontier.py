@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from tests.project import TINY, copy_project, run
-from up.fidelity import FidelityConfig, SubsetQuality
-from up.frontier import (
+from up.evaluation.fidelity import FidelityConfig, SubsetQuality
+from up.evaluation.frontier import (
     common_range,
     curve,
     markdown,
@@ -19,7 +19,7 @@ from up.frontier import (
     summarize,
     value_at,
 )
-from up.sampling import sample
+from up.generation.sampler import sample
 
 # -- the maths, by hand -----------------------------------------------------------
 

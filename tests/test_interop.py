@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.interop import export_checkpoints, import_checkpoints
-from up.errors import StageError
-from up.interop import (
+from up.core.errors import StageError
+from up.core.io import save_torch
+from up.generation.sampler import sample
+from up.models.interop import (
     build_vae,
     build_var,
     export_vae,
@@ -29,16 +31,14 @@ from up.interop import (
     infer_var_config,
     shapes_of,
 )
-from up.io import save_torch
-from up.sampling import sample
-from up.tokenizer import (
+from up.models.tokenizer import (
     MultiScaleVQVAE,
     load_code_clusters,
     load_tokenizer,
     phi_assignment,
     to_float,
 )
-from up.transformer import load_var
+from up.models.transformer import load_var
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "var-official"
@@ -246,7 +246,7 @@ def project(tmp_path, monkeypatch):
 def test_import_then_export_commands(project, models, ref, var_state, vae_state):
     """`up import-var` writes checkpoints the pipeline loads (tokenizer with
     code clusters, a models/var-*.pt); `up export-var` gives VAR's files back."""
-    from up.config import load_params
+    from up.core.params import load_params
 
     written = import_checkpoints(load_params(), FIXTURE / "vae.pth", FIXTURE / "var.pth",
                                  Path("models/tokenizer.pt"), None, None)

@@ -6,20 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from up.losses import (
+from up.models.temperature import TemperatureCalibrator, fit_temperature
+from up.models.uncertainty import cluster_probs, dirichlet_variance, semantic_entropy
+from up.training.losses import (
     VAR_FLOOR,
-    TemperatureCalibrator,
     UncertaintyPreservingLoss,
     _UncertaintyPreserving,
     build_token_loss,
-    cluster_probs,
     cross_entropy_loss,
-    dirichlet_variance,
     dispersion_penalty,
-    fit_temperature,
     label_relaxation_loss,
     label_smoothing_loss,
-    semantic_entropy,
 )
 
 D = torch.float64

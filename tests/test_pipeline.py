@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tests.project import TINY, copy_project, env, run
-from up.report import HEADLINE_KEYS
+from up.evaluation.report import HEADLINE_KEYS
 
 
 @pytest.fixture(scope="module")

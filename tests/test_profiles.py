@@ -17,9 +17,9 @@ from bench.profile_estimate import (
     tokenizer_step,
     world_size,
 )
-from up.config import load_params
-from up.tokenizer_training import build_tokenizer
-from up.transformer import VAR
+from up.core.params import load_params
+from up.models.transformer import VAR
+from up.training.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))

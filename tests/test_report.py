@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from up.config import load_params
-from up.errors import StageError
-from up.io import save_image_grid, save_json
-from up.report import (
+from up.core.errors import StageError
+from up.core.io import save_image_grid, save_json
+from up.core.params import load_params
+from up.evaluation.report import (
     HEADLINE_KEYS,
     MAIN_COLUMNS,
     RANKED,

@@ -11,10 +11,10 @@ from PIL import Image
 
 from stages.report import run
 from tests.test_report import make_project
-from up.config import load_params
-from up.errors import StageError
-from up.figures import grids_figure
-from up.io import save_image_grid
+from up.core.errors import StageError
+from up.core.io import save_image_grid
+from up.core.params import load_params
+from up.evaluation.figures import grids_figure
 
 # What the bounded sample stage writes for 1000 classes: sample.grid_classes = 16
 # rows of sample.grid_per_class = 8 images of 256 px, 2 px apart.

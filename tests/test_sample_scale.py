@@ -21,12 +21,15 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from stages.sample import grid_rows, save_figures
 from tests.project import CLASSES, PATCH_NUMS, ROOT, V, copy_project, make_project, run
-from up.config import SampleParams, load_params
-from up.data import spread_classes
-from up.distributed import Dist
-from up.errors import StageError
-from up.evaluator import Evaluator, save_evaluator
-from up.fidelity import (
+from up.core.distributed import Dist
+from up.core.errors import StageError
+from up.core.io import load_torch, save_torch
+from up.core.params import SampleParams, load_params
+from up.core.sharding import map_batches
+from up.data.sources import spread_classes
+from up.data.splits import array_writer, save_split_index
+from up.evaluation.evaluator import Evaluator, save_evaluator
+from up.evaluation.fidelity import (
     FidelityConfig,
     FidelityFeatures,
     frechet_distance,
@@ -35,12 +38,9 @@ from up.fidelity import (
     load_reference_stats,
     quality_from_features,
 )
-from up.io import load_torch, save_torch
-from up.sampling import batch_generator, sample
-from up.sharding import map_batches
-from up.splits import array_writer, save_split_index
-from up.tokenizer import load_code_clusters, load_tokenizer
-from up.transformer import VAR
+from up.generation.sampler import batch_generator, sample
+from up.models.tokenizer import load_code_clusters, load_tokenizer
+from up.models.transformer import VAR
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 SIDE = 8  # the tiny tokenizer's image side (make_project)

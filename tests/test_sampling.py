@@ -9,11 +9,11 @@ import yaml
 from PIL import Image
 
 from tests.project import ROOT
-from up.io import load_torch, save_torch
-from up.sampling import batch_generator, filter_logits, guidance_ratio, sample
-from up.tokenizer import MultiScaleVQVAE
-from up.transformer import VAR
-from up.uncertainty import aggregate, fine_mean, image_scores
+from up.core.io import load_torch, save_torch
+from up.generation.sampler import batch_generator, filter_logits, guidance_ratio, sample
+from up.generation.scores import aggregate, fine_mean, image_scores
+from up.models.tokenizer import MultiScaleVQVAE
+from up.models.transformer import VAR
 
 PATCH_NUMS = (1, 2, 3, 4)
 V, C, CLASSES, CLUSTERS = 16, 8, 5, 4
@@ -254,7 +254,7 @@ def project(tmp_path, monkeypatch, models):
 
 def test_sample_stage(project, models):
     from stages import sample as stage
-    from up.config import load_params
+    from up.core.params import load_params
 
     stage.run(load_params(), "ce", 0)
     out = project / "samples" / "ce-s0"
@@ -284,7 +284,7 @@ def test_sample_stage(project, models):
 def test_sample_stage_records_the_variants_kappa(project, models):
     """Dispersion is recorded with the variant's own kappa (up: 3.0 here), 1.0 otherwise."""
     from stages import sample as stage
-    from up.config import load_params
+    from up.core.params import load_params
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["variants"] = {"ce": {"loss": "ce"}, "up": {"loss": "up", "kappa": 3.0}}
@@ -306,7 +306,7 @@ def test_sample_stage_records_the_variants_kappa(project, models):
 
 def test_generate_command(project):
     from stages import generate
-    from up.config import load_params
+    from up.core.params import load_params
 
     out = project / "gen.png"
     generate.run(load_params(), checkpoint=project / "models" / "var-ce-s0.pt",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from up.selective import (
+from up.evaluation.selective import (
     aurc,
     density_coverage,
     realism_score,

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.project import save_prepared
-from up.config import DataParams, Params, TokenizerParams
-from up.errors import StageError
-from up.io import load_torch, save_torch
-from up.runtime import setup
-from up.splits import load_token_arrays
-from up.tokenizer import (
+from up.core.errors import StageError
+from up.core.io import load_torch, save_torch
+from up.core.params import DataParams, Params, TokenizerParams
+from up.core.runtime import setup
+from up.data.splits import load_token_arrays
+from up.models.tokenizer import (
     MultiScaleVQVAE,
     bicubic_matrix,
     flatten_indices,
@@ -27,7 +27,7 @@ from up.tokenizer import (
     to_uint8,
     tokenize_images,
 )
-from up.tokenizer_training import (
+from up.training.tokenizer import (
     build_tokenizer,
     cluster_codebook,
     evaluate_tokenizer,

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from tests.project import save_prepared
 from tests.test_tokenizer import TINY, tiny_images
-from up.config import DataParams, Params
-from up.distributed import Dist, distributed
-from up.errors import StageError
-from up.io import load_torch, save_torch
-from up.runtime import setup
-from up.schedule import StepBatches
-from up.tokenizer import to_float
-from up.tokenizer_training import (
+from up.core.distributed import Dist, distributed
+from up.core.errors import StageError
+from up.core.io import load_torch, save_torch
+from up.core.params import DataParams, Params
+from up.core.runtime import setup
+from up.models.tokenizer import to_float
+from up.training.schedule import StepBatches
+from up.training.tokenizer import (
     Batches,
     accumulate_gradients,
     augment_images,

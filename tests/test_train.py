@@ -11,26 +11,27 @@ from tests.project import (
     CLASSES,
     PATCH_NUMS,
     V,
+    crafted_checkpoint,
     make_project,
     run_paths,
     tiny_params,
     train_tiny,
 )
-from up.config import Params
-from up.distributed import Dist
-from up.errors import StageError
-from up.io import load_torch
-from up.runtime import setup
-from up.tokenizer import MultiScaleVQVAE
-from up.tokens import TeacherForcing, training_ids
-from up.train import (
+from up.core.distributed import Dist
+from up.core.errors import StageError
+from up.core.io import load_torch
+from up.core.params import Params
+from up.core.runtime import setup
+from up.data.tokens import TeacherForcing, training_ids
+from up.models.tokenizer import MultiScaleVQVAE
+from up.models.transformer import VAR
+from up.training.run import (
     build_run,
     drop_labels,
     param_groups,
     token_weights,
     train,
 )
-from up.transformer import VAR
 
 
 @pytest.fixture
@@ -45,9 +46,9 @@ class Interrupted(Exception):
 
 def failing_loss(monkeypatch, at_call: int, action: str):
     """Make the loss raise (``interrupt``) or return NaN (``nan``) at its ``at_call``-th call."""
-    import up.train
+    import up.training.run
 
-    build = up.train.build_loss
+    build = up.training.run.build_loss
 
     def patched(*args, **kwargs):
         loss = build(*args, **kwargs)
@@ -66,7 +67,7 @@ def failing_loss(monkeypatch, at_call: int, action: str):
         loss.forward = forward_once
         return loss
 
-    monkeypatch.setattr(up.train, "build_loss", patched)
+    monkeypatch.setattr(up.training.run, "build_loss", patched)
 
 
 def test_weight_decay_only_on_linear_matrices():
@@ -194,7 +195,7 @@ def test_stage_writes_outputs_and_learns(project):
     import yaml
 
     from stages.train import run as run_stage
-    from up.transformer import load_var
+    from up.models.transformer import load_var
 
     params = tiny_params(train={"steps": 30, "lr": 1e-2, "log_every": 10, "save_every": 10,
                                 "cond_drop": 0.0})
@@ -306,8 +307,18 @@ def test_init_from_starts_from_given_weights_and_checks_shapes(project):
         build_run(wider, "ls", 0, run_paths(project, "ft2.pt"))
 
 
+def test_crafted_init_from_is_refused_and_its_payload_never_runs(project):
+    marker = project / "payload-ran"
+    evil = crafted_checkpoint(project / "evil.pt", marker)
+    params = Params(**tiny_params(train={"init_from": str(evil)}))
+    with pytest.raises(StageError, match="refused") as err:
+        build_run(params, "ce", 0, run_paths(project, "ft.pt"))
+    assert str(evil) in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists(), "the checkpoint's payload ran"
+
+
 def test_token_sample_respects_the_size_per_scale():
-    from up.train import token_sample
+    from up.models.temperature import token_sample
 
     ids = torch.arange(100, 110)
     sample = token_sample(ids, [1, 2, 4], per_scale=12, seed=3)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from up.io import save_torch
-from up.transformer import VAR, load_var
+from up.core.io import save_torch
+from up.models.transformer import VAR, load_var
 
 PATCH_NUMS = (1, 2, 3, 4)
 V, C, CLASSES = 16, 8, 5

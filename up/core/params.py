@@ -1,0 +1,350 @@
+"""Validated parameters: params.yaml -> typed settings, one section per stage.
+
+params.yaml is the single source of every setting that changes a result. It is
+loaded into pydantic-settings models so that a typo or an out-of-range value
+stops a stage before it does any work (and never half-writes an output).
+Environment variables override single keys (``UP_TRAIN__LR=1e-3``); they bypass
+DVC's params tracking, so use them for quick local trials only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"]
+    root: str = "data/raw"
+    download: bool = False
+    channels: Literal[1, 3] = 1
+    image_size: int = Field(32, ge=8, le=1024)
+    fit: Literal["pad", "resize"] = "pad"
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    preview_per_class: int = Field(8, ge=1, le=64)
+    preview_classes: int = Field(16, ge=1, le=100)  # preview rows: at most this many classes
+    workers: int = Field(2, ge=1, le=256)  # image decode processes (imagefolder); no effect on outputs
+
+
+class TokenizerParams(Section):
+    arch: Literal["conv", "var"] = "conv"  # conv: small images; var: VAR's VQ-VAE net
+    init_from: str | None = None  # use this tokenizer checkpoint (e.g. imported) instead of training
+    downsample: Literal[2, 4, 8, 16] = 4
+    widths: list[Annotated[int, Field(ge=4)]] = [16, 32]  # conv: width per stride-2 level
+    base_width: int = Field(128, ge=32, multiple_of=32)  # var: base channels
+    ch_mult: list[Annotated[int, Field(ge=1)]] = [1, 1, 2, 2, 4]  # var: multiplier per level
+    res_blocks: int = Field(1, ge=0, le=8)
+    latent_channels: int = Field(32, ge=1)
+    vocab_size: int = Field(512, ge=2, le=65536)
+    patch_nums: list[Annotated[int, Field(ge=1)]] = [1, 2, 3, 4, 6, 8]
+    phi_share: int = Field(6, ge=1)
+    beta: float = Field(0.25, ge=0)
+    partial_weight: float = Field(1.0, ge=0)
+    reseed_every: int = Field(100, ge=0)
+    reseed_until: float = Field(0.8, ge=0, le=1)
+    reseed_threshold: float = Field(0.03, ge=0)
+    semantic_clusters: int = Field(64, ge=1)
+    steps: int = Field(1700, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(4e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    save_every: int = Field(400, ge=1)
+    grid_images: int = Field(8, ge=1, le=64)
+    augment: Literal["none", "flip", "crop_flip"] = "none"  # random flips / crops of training images
+    micro_batch: int = Field(0, ge=0)  # images per process per forward (0 = its whole share)
+    bf16: bool = True  # autocast on CUDA only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TokenizerParams:
+        levels = int(math.log2(self.downsample))
+        if self.arch == "var" and len(self.ch_mult) != levels + 1:
+            raise ValueError(f"ch_mult has {len(self.ch_mult)} entries, downsample="
+                             f"{self.downsample} needs {levels + 1} (arch var)")
+        if self.arch == "conv" and len(self.widths) != levels:
+            raise ValueError(
+                f"widths has {len(self.widths)} entries, downsample={self.downsample} "
+                f"needs {levels} (one per stride-2 level)"
+            )
+        if self.patch_nums != sorted(set(self.patch_nums)):
+            raise ValueError(f"patch_nums {self.patch_nums} must be strictly increasing")
+        if self.phi_share > len(self.patch_nums):
+            raise ValueError(f"phi_share={self.phi_share} exceeds the {len(self.patch_nums)} scales")
+        if self.semantic_clusters > self.vocab_size:
+            raise ValueError(
+                f"semantic_clusters={self.semantic_clusters} exceeds vocab_size={self.vocab_size}"
+            )
+        return self
+
+
+class TransformerParams(Section):
+    depth: int = Field(4, ge=1)
+    width: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    qk_norm: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerParams:
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        return self
+
+
+class TrainParams(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    warmup_steps: int = Field(30, ge=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float = Field(2.0, ge=0)
+    cond_drop: float = Field(0.1, ge=0, lt=1)
+    ema: float = Field(0.0, ge=0, lt=1)
+    token_weighting: Literal["uniform", "per_scale"] = "uniform"
+    save_every: int = Field(100, ge=1)
+    log_every: int = Field(20, ge=1)
+    bf16: bool = True
+    compile: bool = False
+    calib_fraction: float = Field(0.05, ge=0, lt=0.5)  # held out of every variant's training
+    images_per_class: int = Field(0, ge=0)  # train on the first n of each class (0 = all)
+    init_from: str | None = None  # start every variant from this models/var-*.pt (fine-tuning)
+    calib_tokens: int = Field(200_000, ge=0)  # temperature fits: seeded token sample per scale (0 = all)
+
+
+class CEVariant(Section):
+    loss: Literal["ce"]
+
+
+class LSVariant(Section):
+    loss: Literal["ls"]
+    epsilon: float = Field(0.1, gt=0, lt=1)
+
+
+class LRVariant(Section):
+    loss: Literal["lr"]
+    alpha: float = Field(0.1, gt=0, lt=1)
+
+
+class UPVariant(Section):
+    loss: Literal["up"]
+    kappa: float = Field(1.0, gt=0)
+    lambda_disp: float = Field(0.5, ge=0)
+    lambda_se: float = Field(0.1, ge=0)
+    penalty: Literal["w2", "variance"] = "w2"
+    reference: Literal["calibrated", "smoothed", "teacher", "empirical"] = "calibrated"
+    smoothing: float = Field(0.1, gt=0, lt=1)
+    semantic: Literal["match", "nll"] = "match"
+    calib_every: int = Field(50, ge=1)
+    fused: bool = True  # the fused kernel; false: the plain composition (same values)
+
+
+class TSVariant(Section):
+    """Post-hoc temperature scaling of the teacher model: no training."""
+
+    loss: Literal["ts"]
+
+
+Variant = Annotated[CEVariant | LSVariant | LRVariant | UPVariant | TSVariant,
+                    Field(discriminator="loss")]
+LOSS_TAGS = ("ce", "ls", "lr", "up", "ts")
+
+
+class ReferenceParams(Section):
+    """The empirical reference: candidate contexts and Dirichlet prior masses a_0,
+    the pair with the lowest held-out NLL is used."""
+
+    contexts: list[Literal["scale", "parent", "scale_class", "parent_class"]] = \
+        ["parent", "parent_class"]
+    priors: list[Annotated[float, Field(gt=0)]] = [1.0, 10.0, 100.0]
+
+
+class SampleParams(Section):
+    n_per_class: int = Field(100, ge=1)
+    batch_size: int = Field(100, ge=1)
+    guidance: float = Field(2.0, ge=0)
+    guidance_schedule: Literal["linear", "constant"] = "linear"
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    unconditional: bool = False
+    save_pngs: bool = False
+    grid_per_class: int = Field(8, ge=1, le=64)
+    grid_classes: int = Field(16, ge=1, le=100)  # grid rows: at most this many classes
+
+
+class SweepParams(Section):
+    """The guidance sweep (sweep@ stages) and the matched quality of the frontier stage."""
+
+    guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0],
+                                                          min_length=2)
+    n_per_class: int = Field(30, ge=1)
+    # the quality level recall / diversity are read at; null = the midpoint of the range
+    # every run's curve reaches (see up/evaluation/frontier.py)
+    match_precision: float | None = Field(None, gt=0, le=1)
+    match_class_accuracy: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SweepParams:
+        if len(set(self.guidance)) != len(self.guidance):
+            raise ValueError(f"sweep.guidance has repeated values: {self.guidance}")
+        return self
+
+
+class EvaluatorParams(Section):
+    widths: list[Annotated[int, Field(ge=4)]] = [32, 64]
+    feature_dim: int = Field(128, ge=2)
+    feature_scale: float = Field(0.4, gt=0)
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class EvaluateParams(Section):
+    feature_extractor: Literal["evaluator", "inception-v3-compat"] = "evaluator"
+    inception_weights: str | None = None
+    reference_stats: str | None = None  # .npz with mu, sigma of the real images (published FID)
+    kid_subset_size: int = Field(200, ge=2)
+    kid_subsets: int = Field(50, ge=1)
+    pr_neighborhood: int = Field(3, ge=1)
+    ece_bins: int = Field(15, ge=2)
+    selective_fractions: list[Annotated[float, Field(gt=0, le=1)]] = [1.0, 0.9, 0.75, 0.5]
+    random_repeats: int = Field(5, ge=1)
+    fine_scales: int = Field(2, ge=1)  # image score "<measure>_fine": mean over the finest scales
+    realism_threshold: float = Field(1.0, gt=0)  # failed sample: realism below it (or misclassified)
+    bootstrap: int = Field(1000, ge=1)  # stratified bootstrap draws for the 95 % intervals
+
+
+class Params(BaseSettings):
+    """All of params.yaml. Stages use the sections they need."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="UP_",
+        env_nested_delimiter="__",
+    )
+
+    seed: int = Field(0, ge=0)
+    launcher: str = Field("up", min_length=1)  # runs tokenizer/train/sample/evaluate: up | torchrun ...
+    threads: int = Field(2, ge=1, le=512)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    data: DataParams
+    tokenizer: TokenizerParams = TokenizerParams()
+    transformer: TransformerParams = TransformerParams()
+    train: TrainParams = TrainParams()
+    variants: dict[str, Variant] = Field(default_factory=lambda: {"ce": CEVariant(loss="ce")})
+    teacher: str = "ce"
+    derived: dict[str, Variant] = Field(default_factory=dict)
+    reference: ReferenceParams = ReferenceParams()
+    sample: SampleParams = SampleParams()
+    sweep: SweepParams = SweepParams()
+    evaluator: EvaluatorParams = EvaluatorParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=params_path())
+        return init_settings, env_settings, yaml_source
+
+    @model_validator(mode="after")
+    def _variant_groups(self) -> Params:
+        """`variants` train from the data; `derived` are built from the `teacher`
+        model (post-hoc temperature scaling, or training against it), so DVC can
+        order them after it."""
+        for name, v in self.variants.items():
+            if v.loss == "ts" or getattr(v, "reference", None) == "teacher":
+                raise ValueError(f"variants.{name} needs the teacher model: declare it under "
+                                 "`derived`")
+        for name, v in self.derived.items():
+            if not (v.loss == "ts" or getattr(v, "reference", None) == "teacher"):
+                raise ValueError(f"derived.{name}: only loss ts or reference teacher belong "
+                                 "here; declare it under `variants`")
+        if self.derived and self.teacher not in self.variants:
+            raise ValueError(f"teacher={self.teacher!r} is not one of variants "
+                             f"{sorted(self.variants)}")
+        both = sorted(set(self.variants) & set(self.derived))
+        if both:
+            raise ValueError(f"{both} declared under both variants and derived")
+        return self
+
+    @property
+    def runs(self) -> dict[str, CEVariant | LSVariant | LRVariant | UPVariant | TSVariant]:
+        """Every evaluated variant: the trained ones, then the derived ones."""
+        return {**self.variants, **self.derived}
+
+    def variant(self, name: str) -> CEVariant | LSVariant | LRVariant | UPVariant | TSVariant:
+        if name not in self.runs:
+            raise ParamsError([f"variant {name!r} is not declared; declared: {sorted(self.runs)}"])
+        return self.runs[name]
+
+
+class ParamsError(Exception):
+    """Invalid parameters; ``lines`` holds one human-readable line per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def project_root() -> Path:
+    """The project root: DVC_ROOT when DVC runs the stage, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def params_path() -> Path:
+    return project_root() / PARAMS_FILE
+
+
+def _describe(error: dict) -> str:
+    loc = list(error["loc"])
+    if len(loc) >= 3 and loc[0] in ("variants", "derived") and loc[2] in LOSS_TAGS:
+        del loc[2]  # pydantic repeats the discriminator tag; users never wrote it
+    key = ".".join(str(part) for part in loc) or "<root>"
+    given = "missing" if error["type"] == "missing" else repr(error.get("input"))
+    return f"{PARAMS_FILE}: {key} = {given}: {error['msg']}"
+
+
+def load_params() -> Params:
+    """Read and validate params.yaml (plus UP_* environment overrides).
+
+    Raises ParamsError naming every bad key, its value and what is allowed.
+    """
+    path = params_path()
+    if not path.is_file():
+        raise ParamsError([f"{path}: not found (run from the project root or set DVC_ROOT)"])
+    try:
+        return Params()
+    except ValidationError as exc:
+        raise ParamsError([_describe(err) for err in exc.errors()]) from None

@@ -1,0 +1,1 @@
+"""Images in, tokens out: data sources, the prepared splits on disk and the token cache."""

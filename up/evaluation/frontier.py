@@ -1,0 +1,300 @@
+"""Comparing variants at equal quality: quality-diversity frontiers over the guidance scale.
+
+Guidance alone trades quality for diversity, so a variant that is only less
+sharp looks more diverse at a fixed guidance. Each run (variant, seed) is
+therefore swept over guidance (the sweep@ stages), which gives a curve of
+points (quality, diversity) ordered by guidance, and variants are compared at
+the same quality along their curves:
+
+* **monotone quality**: along the guidance order, quality (precision, class
+  accuracy) is fitted non-decreasing by pooling adjacent violators (a noisy dip
+  becomes a flat stretch at the pooled mean); the diversity figure (recall,
+  within-class diversity) is kept as measured.
+* **value at matched quality**: linear interpolation between the two
+  neighbouring guidance values whose fitted quality brackets the level (the
+  mean of the diversity figure over points exactly at the level, when a flat
+  stretch sits there); no extrapolation: a curve that does not reach the level
+  has no value.
+* **the level**: unless fixed in params (``sweep.match_precision`` /
+  ``sweep.match_class_accuracy``), the midpoint of the quality range that every
+  run's fitted curve reaches (the intersection over variants and seeds of
+  [fitted quality at the lowest guidance, at the highest]), so every run is
+  read inside its own sweep and seeds can be paired.
+* **over seeds**: the value is read on each seed's own curve; the table gives
+  the mean and 95 % t-interval over seeds and the paired difference to the
+  baselines seed by seed (``up.evaluation.report.t_interval`` / ``paired_differences``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+
+from up.evaluation.report import t_interval
+
+# (quality key, diversity key, name of the value at matched quality, titles)
+PAIRS = [
+    ("precision", "recall", "recall_at_precision", "precision", "recall"),
+    ("class_accuracy", "diversity", "diversity_at_class_accuracy", "class accuracy",
+     "within-class diversity"),
+]
+CURVE_KEYS = ["fid", "precision", "recall", "class_accuracy", "diversity"]
+
+
+def monotone_increasing(values: Sequence[float]) -> np.ndarray:
+    """The least-squares non-decreasing fit (pool adjacent violators, equal weights)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return np.concatenate([np.full(int(c), s / c) for s, c in blocks]) if blocks else np.array([])
+
+
+def curve(rows: Sequence[dict], quality: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fitted quality, measured other) in guidance order, over the rows where both exist."""
+    kept = [r for r in sorted(rows, key=lambda r: r["guidance"])
+            if r.get(quality) is not None and r.get(other) is not None]
+    return (monotone_increasing([r[quality] for r in kept]),
+            np.array([r[other] for r in kept], dtype=float))
+
+
+def reached(quality: np.ndarray) -> tuple[float, float] | None:
+    """The quality range a fitted (non-decreasing) curve covers."""
+    return (float(quality[0]), float(quality[-1])) if len(quality) else None
+
+
+def value_at(quality: np.ndarray, other: np.ndarray, level: float, tol: float = 1e-12
+             ) -> float | None:
+    """``other`` at fitted quality ``level``, interpolated linearly along the curve;
+    None outside the range the curve reaches (no extrapolation)."""
+    if not len(quality) or level < quality[0] - tol or level > quality[-1] + tol:
+        return None
+    at = np.abs(quality - level) <= tol
+    if at.any():
+        return float(other[at].mean())
+    i = int(np.searchsorted(quality, level, side="right"))  # quality[i-1] < level < quality[i]
+    t = (level - quality[i - 1]) / (quality[i] - quality[i - 1])
+    return float(other[i - 1] + t * (other[i] - other[i - 1]))
+
+
+def common_range(ranges: Sequence[tuple[float, float] | None]) -> tuple[float, float] | None:
+    """The quality range every curve reaches; None when they do not overlap."""
+    if not ranges or any(r is None for r in ranges):
+        return None
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return (low, high) if low <= high else None
+
+
+def match_level(ranges: Sequence[tuple[float, float] | None], fixed: float | None = None) -> dict:
+    """The matched quality: ``fixed`` when given, else the midpoint of the common range
+    (None when the curves share no range). Also returns the range and the rule used."""
+    common = common_range(ranges)
+    if fixed is not None:
+        return {"level": fixed, "rule": "fixed in params", "common": common}
+    if common is None:
+        return {"level": None, "rule": "no range common to every run", "common": None}
+    return {"level": (common[0] + common[1]) / 2, "rule": "midpoint of the common range",
+            "common": common}
+
+
+def mean_curves(by_seed: dict[int, dict]) -> list[dict]:
+    """Per guidance value reached by every seed: mean and sd (None for one seed) of each
+    curve figure over the seeds."""
+    seeds = sorted(by_seed)
+    grids = [{r["guidance"]: r for r in by_seed[s]["rows"]} for s in seeds]
+    out = []
+    for g in sorted(set.intersection(*(set(grid) for grid in grids))):
+        row = {"guidance": g, "n_samples": sorted({grid[g]["n_samples"] for grid in grids})}
+        for key in CURVE_KEYS:
+            values = [grid[g].get(key) for grid in grids]
+            if any(v is None for v in values):
+                row[key] = row[f"{key}_sd"] = None
+                continue
+            row[key] = statistics.fmean(values)
+            row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(row)
+    return out
+
+
+def paired_at_pair_level(curves: dict, baseline: str, fixed: dict[str, float | None]
+                         ) -> dict[str, dict[str, dict | None]]:
+    """Per variant and figure: variant - baseline, seed by seed, read at a quality level
+    both reach: the midpoint of the range common to the two variants' seeds (or the
+    level fixed in params). One global level often does not exist (a sharper
+    variant's whole curve can lie above a softer one's), a pair's level usually does."""
+    out = {}
+    for v in curves:
+        if v == baseline:
+            continue
+        out[v] = {}
+        seeds = sorted(set(curves[v]) & set(curves[baseline]))
+        for quality, _, name, *_ in PAIRS:
+            ranges = [reached(curves[w][s][quality][0]) for w in (v, baseline) for s in seeds]
+            level = match_level(ranges, fixed.get(quality))["level"]
+            reads = {w: [None if level is None else value_at(*curves[w][s][quality], level)
+                         for s in seeds] for w in (v, baseline)}
+            both = [(a, b) for a, b in zip(reads[v], reads[baseline], strict=True)
+                    if a is not None and b is not None]
+            out[v][name] = None if not both or len(both) < len(seeds) else {
+                **t_interval([a - b for a, b in both]), "seeds": seeds, "level": level}
+    return out
+
+
+def summarize(sweeps: dict[str, dict[int, dict]], baselines: Sequence[str],
+              fixed: dict[str, float | None] | None = None) -> dict:
+    """sweeps[variant][seed] = one sweep file -> levels, per-variant values at matched
+    quality (per seed, mean and t-interval), paired differences with each baseline
+    present, and the mean curves."""
+    fixed = fixed or {}
+    curves = {v: {s: {q: curve(sw["rows"], q, o) for q, o, *_ in PAIRS} for s, sw in by_seed.items()}
+              for v, by_seed in sweeps.items()}
+    levels, values = {}, {v: {s: {} for s in by_seed} for v, by_seed in sweeps.items()}
+    for quality, _, name, *_ in PAIRS:
+        ranges = [reached(c[quality][0]) for by_seed in curves.values() for c in by_seed.values()]
+        levels[quality] = match_level(ranges, fixed.get(quality))
+        level = levels[quality]["level"]
+        for v, by_seed in curves.items():
+            for s, c in by_seed.items():
+                values[v][s][name] = None if level is None else value_at(*c[quality], level)
+    names = [name for _, _, name, *_ in PAIRS]
+    variants = {}
+    for v, by_seed in sweeps.items():
+        seeds = sorted(by_seed)
+        entry = {"seeds": seeds,
+                 "n_samples": sorted({r["n_samples"] for s in seeds for r in by_seed[s]["rows"]}),
+                 "feature_extractor": sorted({by_seed[s]["feature_extractor"] for s in seeds}),
+                 "guidance": sorted({r["guidance"] for s in seeds for r in by_seed[s]["rows"]}),
+                 "reached": {}}
+        for quality, *_ in PAIRS:
+            entry["reached"][quality] = common_range([reached(curves[v][s][quality][0]) for s in seeds])
+        for name in names:
+            per_seed = [values[v][s][name] for s in seeds]
+            entry[name] = {**(t_interval(per_seed) if None not in per_seed else
+                              {"mean": None, "low": None, "high": None, "n": len(seeds)}),
+                           "values": per_seed}
+        variants[v] = entry
+    paired = {b: paired_at_pair_level(curves, b, fixed) for b in baselines if b in curves}
+    return {"levels": levels, "variants": variants, "paired": paired,
+            "curves": {v: mean_curves(by_seed) for v, by_seed in sweeps.items()}}
+
+
+# -- the table ------------------------------------------------------------------
+
+def _cell(entry: dict | None, signed: bool = False) -> str:
+    if entry is None or entry["mean"] is None:
+        return "n/a"
+    f = "+.3g" if signed else ".3g"
+    if entry["low"] is None:
+        return format(entry["mean"], f)
+    star = "*" if signed and (entry["low"] > 0 or entry["high"] < 0) else ""
+    return f"{entry['mean']:{f}} [{entry['low']:{f}}, {entry['high']:{f}}]{star}"
+
+
+def _range(r: tuple[float, float] | None) -> str:
+    return "none" if r is None else f"{r[0]:.3g}–{r[1]:.3g}"
+
+
+def _level_title(quality_title: str, level: dict) -> str:
+    return f"@ {quality_title} {level['level']:.3g}" if level["level"] is not None \
+        else f"@ {quality_title} (no common level)"
+
+
+def markdown(summary: dict) -> str:
+    levels, variants = summary["levels"], summary["variants"]
+    guidance = sorted({g for e in variants.values() for g in e["guidance"]})
+    n = sorted({k for e in variants.values() for k in e["n_samples"]})
+    lines = ["# Compared at equal quality: guidance frontiers", "",
+             f"Guidance sweep {', '.join(f'{g:g}' for g in guidance)}; N = "
+             f"{', '.join(map(str, n))} samples per point; features: "
+             f"{', '.join(sorted({f for e in variants.values() for f in e['feature_extractor']}))}.",
+             "Each run's quality is fitted non-decreasing along the guidance order; the "
+             "diversity figure is read at the matched quality by linear interpolation between "
+             "neighbouring guidance values (no extrapolation), on each seed's own curve.", ""]
+    for quality, _, _, q_title, o_title in PAIRS:
+        lv = levels[quality]
+        where = "" if lv["common"] is None else f"; range every run reaches: {_range(lv['common'])}"
+        level = "none" if lv["level"] is None else f"{lv['level']:.4g}"
+        lines.append(f"- {o_title} at matched {q_title}: level {level} ({lv['rule']}{where})")
+    head = ["variant", "seeds"]
+    for quality, _, _, q_title, o_title in PAIRS:
+        head += [f"{o_title} {_level_title(q_title, levels[quality])} ↑", f"{q_title} reached"]
+    lines += ["", "Mean [95 % t-interval] over seeds; 'reached': the quality range all the "
+              "variant's seeds cover.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, e in variants.items():
+        row = [v, ",".join(map(str, e["seeds"]))]
+        for quality, _, name, *_ in PAIRS:
+            row += [_cell(e[name]), _range(e["reached"][quality])]
+        lines.append("| " + " | ".join(row) + " |")
+    for baseline, by_variant in summary["paired"].items():
+        head = [f"variant − {baseline}", "seeds"] + [
+            f"{o_title} @ {q_title} (pair level)" for quality, _, _, q_title, o_title in PAIRS]
+        lines += ["", f"### Paired with `{baseline}` (same seed)", "",
+                  "Mean difference [95 % t-interval over seeds] read at the pair's own matched "
+                  "quality (the midpoint of the range both variants' seeds reach, in brackets "
+                  "after the cell); * the interval excludes 0.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for v, cells in by_variant.items():
+            seeds = next((c["seeds"] for c in cells.values() if c is not None), [])
+            row = [v, ",".join(map(str, seeds))]
+            row += [_cell(cells[name], signed=True) + ("" if cells[name] is None else
+                                                        f" (@ {cells[name]['level']:.3g})")
+                    for _, _, name, *_ in PAIRS]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the figure -----------------------------------------------------------------
+
+def frontier_figure(summary: dict, annotate: str | None = None):
+    """Three panels, one curve per variant (mean over seeds, bars: ±1 sd over seeds):
+    precision vs recall, class accuracy vs within-class diversity, FID vs guidance.
+    Dotted lines: the matched quality levels. ``annotate``: the variant whose points
+    are labelled with their guidance value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for i, (v, rows) in enumerate(summary["curves"].items()):
+        color = f"C{i % 10}"
+        for ax, (quality, other, _, q_title, o_title) in zip(axes[:2], PAIRS, strict=True):
+            pts = [r for r in rows if r[quality] is not None and r[other] is not None]
+            if not pts:
+                continue
+            ax.errorbar([r[quality] for r in pts], [r[other] for r in pts],
+                        xerr=[r[f"{quality}_sd"] or 0 for r in pts],
+                        yerr=[r[f"{other}_sd"] or 0 for r in pts],
+                        color=color, marker="o", ms=4, capsize=2, label=v)
+            if v == annotate:
+                for r in pts:
+                    ax.annotate(f"{r['guidance']:g}", (r[quality], r[other]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3), color=color)
+            ax.set_xlabel(f"{q_title} →")
+            ax.set_ylabel(f"{o_title} →")
+        g = np.array([r["guidance"] for r in rows])
+        fid = np.array([np.nan if r["fid"] is None else r["fid"] for r in rows])
+        sd = np.array([0.0 if r["fid_sd"] is None else r["fid_sd"] for r in rows])
+        axes[2].plot(g, fid, color=color, marker="o", ms=4, label=v)
+        axes[2].fill_between(g, fid - sd, fid + sd, color=color, alpha=0.15, lw=0)
+    for ax, (quality, *_) in zip(axes[:2], PAIRS, strict=True):
+        level = summary["levels"][quality]["level"]
+        if level is not None:
+            ax.axvline(level, color="0.4", ls=":", lw=1)
+            ax.text(level, 1.0, f" matched {level:.3g}", transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=7, color="0.3")
+    axes[2].set_xlabel("guidance scale")
+    axes[2].set_ylabel("FID ↓")
+    axes[0].set_title("precision vs recall")
+    axes[1].set_title("class accuracy vs within-class diversity")
+    axes[2].set_title("FID vs guidance")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

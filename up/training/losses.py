@@ -1,0 +1,457 @@
+"""Token losses for next-scale prediction, one value per token.
+
+Cross-entropy, the two baselines that soften it (label smoothing, label
+relaxation) and the uncertainty-preserving loss (docs/method.md §2-§3): CE plus a
+penalty on the gap between the second-order dispersion of the prediction and
+that of a calibrated reference, plus a semantic-entropy term. The caller
+weights tokens (uniform, per scale) and reduces.
+
+The measures they share with sampling live in up/models/uncertainty.py.
+Shapes: logits (..., V), targets (...) long; every loss returns (...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from up.models import temperature
+from up.models.uncertainty import cluster_probs, dirichlet_variance, safe_log, semantic_entropy
+
+# Floor of a Dirichlet variance before its square root in the W2 penalty:
+# d sqrt(v)/dv = 1 / (2 sqrt v) is infinite at v = 0 (a probability that
+# underflowed to 0, or exactly 1 in float32). Flooring at 1e-12 caps the
+# derivative at 5e5 and moves a standard deviation by at most 1e-6.
+VAR_FLOOR = 1e-12
+
+
+# --------------------------------------------------------------------------
+# Baselines
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(y) per token."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def _target_log_prob(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _smoothing(log_probs: torch.Tensor, targets: torch.Tensor, epsilon: float):
+    """(smoothed loss, plain CE) from one log-softmax."""
+    nll = -_target_log_prob(log_probs, targets)
+    return (1.0 - epsilon) * nll - epsilon * log_probs.mean(-1), nll
+
+
+def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Cross-entropy to (1 - epsilon) onehot(y) + epsilon / V (VAR's default: 0.1)."""
+    return _smoothing(F.log_softmax(logits, -1), targets, epsilon)[0]
+
+
+def _relaxation(target_log_prob: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Label relaxation from log p(y) alone.
+
+    With the projection p_r (p_r(y) = 1 - alpha, p_r(k) = alpha p(k) / (1 - p(y))
+    elsewhere) the KL collapses to two terms:
+        (1 - alpha) log((1 - alpha) / p(y)) + alpha log(alpha / (1 - p(y))).
+    Its gradient equals that of KL(p_r || p) with p_r held constant (p_r is the
+    minimiser over the credal set, so by Danskin's theorem the dependence of
+    p_r on p adds nothing), which is the paper's treatment of the target.
+    """
+    p_y = target_log_prob.exp()
+    # Clamped so that log(1 - p(y)) stays finite (and its gradient zero, not
+    # NaN) inside the credal set, where torch.where discards it anyway.
+    log_rest = torch.log1p(-p_y.clamp_max(1.0 - alpha))
+    kl = (1.0 - alpha) * (math.log(1.0 - alpha) - target_log_prob) + alpha * (
+        math.log(alpha) - log_rest
+    )
+    return torch.where(p_y < 1.0 - alpha, kl, torch.zeros_like(kl))
+
+
+def label_relaxation_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Label relaxation (Lienen & Huellermeier, AAAI 2021).
+
+    Zero when p(y) >= 1 - alpha (the prediction lies in the credal set),
+    otherwise KL(p_r || p) to the projection p_r of p onto the set.
+    """
+    return _relaxation(_target_log_prob(F.log_softmax(logits, -1), targets), alpha)
+
+
+# --------------------------------------------------------------------------
+# Second-order dispersion and semantic entropy
+
+
+def dispersion_penalty(probs: torch.Tensor, ref_probs: torch.Tensor, kappa: float | torch.Tensor,
+                       kind: str = "w2") -> torch.Tensor:
+    """Gap between the second-order dispersion of ``probs`` and ``ref_probs``.
+
+    ``w2``: sum_k (s_k(p) - s_k(ref))^2 with s_k = sqrt(Var_k), the scale part
+    of the squared 2-Wasserstein distance between the diagonal-Gaussian
+    approximations of the two Dirichlets (variances floored at VAR_FLOOR).
+    ``variance``: (sum_k Var_k(p) - sum_k Var_k(ref))^2.
+    """
+    var, ref_var = dirichlet_variance(probs, kappa), dirichlet_variance(ref_probs, kappa)
+    if kind == "w2":
+        std = var.clamp_min(VAR_FLOOR).sqrt()
+        ref_std = ref_var.clamp_min(VAR_FLOOR).sqrt()
+        return (std - ref_std).square().sum(-1)
+    if kind == "variance":
+        return (var.sum(-1) - ref_var.sum(-1)).square()
+    raise ValueError(f"unknown dispersion penalty {kind!r}; allowed: w2, variance")
+
+
+# --------------------------------------------------------------------------
+# The uncertainty-preserving loss, fused
+
+
+class _UncertaintyPreserving(torch.autograd.Function):
+    """CE, dispersion penalty and semantic term from one softmax, with a
+    hand-written backward.
+
+    Autograd through the composition above keeps about ten (N, V) tensors
+    alive and replays as many elementwise passes in the backward. On CPU a
+    fresh (N, V) tensor costs mostly page faults, and on a busy machine every
+    op costs a thread synchronisation, so this allocates three (N, V) tensors'
+    worth (as many as cross-entropy does: p and the reference stacked, one
+    scratch), keeps the op count low and works in place: the reference becomes
+    dL/dp of the penalty, the scratch dL/dp of the semantic term, and the
+    backward turns them into the gradient in one softmax-Jacobian product,
+        dL/dz = p * (w - <p, w>) + g_ce * (p - onehot(y)),  w = dL/dp,
+    reusing their memory (so it runs once: backward with retain_graph fails
+    on autograd's in-place check instead of returning a wrong gradient).
+    Returns (ce, disp, se), each (N,); a term that is off comes back empty.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp, given_ref, smoothing, kappa, penalty, semantic,
+                code_to_cluster, num_clusters):
+        n, vocab = logits.shape
+        rows = targets.unsqueeze(1)
+        grad = ctx.needs_input_grad[0]
+        tiny = torch.finfo(logits.dtype).tiny
+        need_ref = penalty is not None or semantic == "match"
+        # p and the reference share one (2, N, V) buffer, so that the cluster
+        # sums and entropies of both are one op each.
+        stacked = logits.new_empty(2, n, vocab) if need_ref else None
+        probs = torch.softmax(logits, 1, out=stacked[0] if need_ref else None)
+        # -log p(y) = (max z - z_y) - log max p: exact however small p(y) is,
+        # without a log-softmax pass (max p >= 1/V never underflows).
+        ce = (logits.amax(1) - logits.gather(1, rows).squeeze(1)) - probs.amax(1).log()
+
+        scratch = ref = None
+        if need_ref and given_ref is not None:  # teacher / empirical: computed by the caller
+            ref = stacked[1].copy_(given_ref)
+        elif need_ref and inv_temp is not None:  # calibrated: softmax(stopgrad(z) / T)
+            scratch = logits * inv_temp
+            ref = torch.softmax(scratch, 1, out=stacked[1])
+        elif need_ref:  # smoothed: (1 - eps) onehot(y) + eps / V
+            ref = stacked[1].fill_(smoothing / vocab)
+            ref.scatter_(1, rows, 1.0 - smoothing + smoothing / vocab)
+
+        # Semantic term; dse = its derivative in P(c) (N, C), spread to codes below.
+        se = logits.new_zeros(0)
+        dse = None
+        if semantic == "match":
+            both = cluster_probs(stacked.view(2 * n, vocab), code_to_cluster, num_clusters)
+            log_both = safe_log(both)
+            neg_entropy = (both * log_both).view(2, n, num_clusters).sum(2)
+            gap = neg_entropy[1] - neg_entropy[0]  # SE(p) - SE(ref)
+            se = gap.square()
+            if grad:  # d SE / d P(c) = -(log P(c) + 1), and 0 log 0 = 0
+                cluster_p, log_cluster = both[:n], log_both[:n]
+                dse = (log_cluster + (cluster_p > tiny)).mul_(-2.0 * gap.unsqueeze(1))
+        elif semantic == "nll":
+            cluster_p = cluster_probs(probs, code_to_cluster, num_clusters)
+            target_cluster = code_to_cluster[targets].unsqueeze(1)
+            se = -safe_log(cluster_p.gather(1, target_cluster)).squeeze(1)
+            if grad:
+                p_c = cluster_p.gather(1, target_cluster)
+                inv = torch.where(p_c > tiny, -1.0 / p_c, torch.zeros_like(p_c))
+                dse = torch.zeros_like(cluster_p).scatter_(1, target_cluster, inv)
+        elif semantic is not None:
+            raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
+
+        # Dispersion penalty. With u = p (1 - p), Var = u / (kappa + 1): the
+        # W2 term is shrink * sum (sqrt u - sqrt u_ref)^2, shrink = 1 / (kappa
+        # + 1) kept out of the (N, V) passes. dpen = its derivative in p over
+        # shrink, (N, V) in ref's memory; for "variance" the derivative is a
+        # per-row multiple of p and dpen_row holds the multiplier. kappa is a
+        # number, or one evidence mass per row (N,) (the empirical reference);
+        # then the floor is that of the largest shrink, so that no row's
+        # variance is floored above VAR_FLOOR.
+        disp = logits.new_zeros(0)
+        dpen = dpen_row = None
+        shrink = 1.0 / (kappa + 1.0)
+        if penalty == "w2":
+            floor = VAR_FLOOR / (float(shrink.max()) if torch.is_tensor(shrink) else shrink)
+            std = torch.addcmul(probs, probs, probs, value=-1.0, out=scratch)
+            std.clamp_min_(floor).sqrt_()
+            ref_std = torch.addcmul(ref, ref, ref, value=-1.0, out=ref).clamp_min_(floor).sqrt_()
+            diff = torch.sub(std, ref_std, out=ref_std)  # sqrt u(p) - sqrt u(ref)
+            disp = torch.linalg.vector_norm(diff, dim=1).square_().mul_(shrink)
+            if grad:  # d/dp_k (sqrt u_k - r_k)^2 = (sqrt u_k - r_k) (1 - 2 p_k) / sqrt u_k
+                # The floor has zero derivative: floored stds (exactly sqrt(floor))
+                # become inf, so the division zeroes them without a mask tensor.
+                floor_std = float(torch.tensor(floor, dtype=std.dtype).sqrt())
+                dpen = diff.div_(F.threshold_(std, floor_std, math.inf))
+                torch.addcmul(dpen, dpen, probs, value=-2.0, out=dpen)
+            scratch = std
+        elif penalty == "variance":
+            total = shrink * (1.0 - torch.linalg.vector_norm(probs, dim=1).square())
+            ref_total = shrink * (1.0 - torch.linalg.vector_norm(ref, dim=1).square())
+            disp = (total - ref_total).square()
+            if grad:  # d/dp_k = 2 (total - ref_total) shrink (-2 p_k)
+                dpen_row = -4.0 * (total - ref_total)
+            scratch = ref
+        elif penalty is not None:
+            raise ValueError(f"unknown dispersion penalty {penalty!r}; allowed: w2, variance")
+
+        spread = None
+        if dse is not None:  # dL_se/dp_k = dse[c(k)]
+            spread = torch.index_select(dse, 1, code_to_cluster, out=scratch)
+        ctx.shrink = shrink
+        ctx.save_for_backward(probs, targets, dpen, dpen_row, spread)
+        return ce, disp, se
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_ce, g_disp, g_se):
+        probs, targets, dpen, dpen_row, spread = ctx.saved_tensors
+        w = None  # dL/dp, built in the saved buffers
+        if dpen is not None:
+            w = dpen.mul_((ctx.shrink * g_disp).unsqueeze(1))
+        if spread is not None:
+            w = spread.mul_(g_se.unsqueeze(1)) if w is None else w.addcmul_(
+                spread, g_se.unsqueeze(1))
+        if dpen_row is not None:
+            row = (ctx.shrink * dpen_row * g_disp).unsqueeze(1)
+            w = probs * row if w is None else w.addcmul_(probs, row)
+        if w is None:
+            grad = probs * g_ce.unsqueeze(1)
+        else:
+            grad = w.mul_(probs)
+            dot = grad.sum(1) - g_ce
+            grad.addcmul_(probs, dot.unsqueeze(1), value=-1.0)
+        grad.scatter_add_(1, targets.unsqueeze(1), -g_ce.unsqueeze(1))
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------
+# Token-loss modules: the interface of the training loop
+
+
+class TokenLoss(nn.Module):
+    """forward(logits (B, L, V), targets (B, L)) -> (per-token total (B, L),
+    parts: dict of per-token tensors, always with the plain CE under "ce").
+    Parts are detached: they are for logging, and a logged part that kept its
+    graph would keep every step's activations alive.
+
+    Losses compute in float32 (float64 stays float64) with autocast off: a
+    log-softmax over V in bf16 loses the small probabilities these losses
+    are about.
+    """
+
+    needs_calibration = False  # True: the loop refits self.temperatures
+    needs_reference = False  # True: forward takes reference=(p_ref, kappa_ref)
+
+    @staticmethod
+    def _upcast(logits: torch.Tensor) -> torch.Tensor:
+        return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+class CrossEntropy(TokenLoss):
+    def forward(self, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            ce = cross_entropy_loss(self._upcast(logits), targets)
+        return ce, {"ce": ce.detach()}
+
+
+class LabelSmoothing(TokenLoss):
+    def __init__(self, epsilon: float):
+        super().__init__()
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(f"epsilon={epsilon} must lie in (0, 1)")
+        self.epsilon = epsilon
+
+    def forward(self, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            total, ce = _smoothing(F.log_softmax(self._upcast(logits), -1), targets, self.epsilon)
+        return total, {"ce": ce.detach()}
+
+
+class LabelRelaxation(TokenLoss):
+    def __init__(self, alpha: float):
+        super().__init__()
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha={alpha} must lie in (0, 1)")
+        self.alpha = alpha
+
+    def forward(self, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            log_p_y = _target_log_prob(F.log_softmax(self._upcast(logits), -1), targets)
+        return _relaxation(log_p_y, self.alpha), {"ce": -log_p_y.detach()}
+
+
+REFERENCES = ("calibrated", "smoothed", "teacher", "empirical")
+
+
+class UncertaintyPreservingLoss(TokenLoss):
+    """CE + lambda_disp * dispersion penalty + lambda_se * semantic term (docs/method.md §3).
+
+    The reference p_ref:
+    ``"calibrated"``: softmax(stopgrad(z) / T_s), T_s the temperature of the
+    position's scale, held in the ``temperatures`` buffer (1 at start, so both
+    terms start at 0) and refitted by the caller with
+    :class:`TemperatureCalibrator`. ``"smoothed"``: (1 - smoothing) onehot(y)
+    + smoothing / V. ``"teacher"`` and ``"empirical"`` do not move with the
+    model: the caller computes p_ref (a frozen teacher's tempered softmax;
+    Dirichlet-smoothed counts given a context) and passes it to forward as
+    ``reference=(p_ref, kappa_ref)``; kappa_ref (per token, the counts'
+    evidence) replaces ``kappa`` when given, so model and reference are
+    compared at equal evidence. ``semantic="match"`` penalises
+    (SE(p) - SE(p_ref))^2, ``"nll"`` is -log P(c(y)). A term whose lambda is
+    0 is neither computed nor reported.
+
+    Parts: "ce", "disp", "se" (per token; the total is
+    ce + lambda_disp * disp + lambda_se * se). The options have no defaults
+    here: params.yaml (through ``UPVariant``) is their one source.
+    """
+
+    def __init__(self, *, kappa: float, lambda_disp: float, lambda_se: float, penalty: str,
+                 reference: str, smoothing: float, semantic: str,
+                 code_to_cluster: torch.Tensor | None = None,
+                 num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
+                 num_scales: int | None = None, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+        if kappa <= 0:
+            raise ValueError(f"kappa={kappa} must be > 0")
+        if lambda_disp < 0 or lambda_se < 0:
+            raise ValueError(f"lambda_disp={lambda_disp} and lambda_se={lambda_se} must be >= 0")
+        if penalty not in ("w2", "variance"):
+            raise ValueError(f"unknown penalty {penalty!r}; allowed: w2, variance")
+        if reference not in REFERENCES:
+            raise ValueError(f"unknown reference {reference!r}; allowed: {', '.join(REFERENCES)}")
+        if semantic not in ("match", "nll"):
+            raise ValueError(f"unknown semantic term {semantic!r}; allowed: match, nll")
+        if reference == "smoothed" and not 0.0 < smoothing < 1.0:
+            raise ValueError(f"smoothing={smoothing} must lie in (0, 1)")
+        self.kappa, self.lambda_disp, self.lambda_se = kappa, lambda_disp, lambda_se
+        self.penalty = penalty if lambda_disp > 0 else None
+        self.semantic = semantic if lambda_se > 0 else None
+        self.reference, self.smoothing = reference, smoothing
+        self.needs_calibration = reference == "calibrated"
+        self.needs_reference = reference in ("teacher", "empirical")
+
+        if self.semantic is not None:
+            if code_to_cluster is None or num_clusters is None:
+                raise ValueError("lambda_se > 0 needs code_to_cluster and num_clusters")
+            if code_to_cluster.dim() != 1 or int(code_to_cluster.max()) >= num_clusters:
+                raise ValueError("code_to_cluster must be (V,) with values < num_clusters")
+            self.register_buffer("code_to_cluster", code_to_cluster.long().clone(),
+                                 persistent=False)
+        else:
+            self.code_to_cluster = None
+        self.num_clusters = num_clusters
+        if self.needs_calibration:
+            if scale_ids is None or num_scales is None:
+                raise ValueError("reference='calibrated' needs scale_ids and num_scales")
+            self.register_buffer("scale_ids", scale_ids.long().clone(), persistent=False)
+            self.register_buffer("temperatures", torch.ones(num_scales))
+
+    def forward(self, logits, targets, reference: tuple[torch.Tensor, torch.Tensor | None]
+                | None = None):
+        batch_shape = targets.shape
+        if self.needs_reference != (reference is not None):
+            raise ValueError(f"reference={self.reference!r} "
+                             + ("needs" if self.needs_reference else "takes no")
+                             + " reference=(p_ref, kappa_ref) in forward")
+        with torch.autocast(logits.device.type, enabled=False):
+            flat = self._upcast(logits).reshape(-1, logits.shape[-1])
+            inv_temp = given = None
+            kappa: float | torch.Tensor = self.kappa
+            if self.needs_calibration:
+                if logits.shape[-2] != self.scale_ids.numel():
+                    raise ValueError(f"logits have {logits.shape[-2]} positions, scale_ids "
+                                     f"{self.scale_ids.numel()}")
+                per_pos = temperature.inverse(self.temperatures, self.scale_ids, flat.dtype).squeeze(-1)
+                inv_temp = per_pos.expand(batch_shape).reshape(-1, 1)
+            if reference is not None:
+                ref_probs, ref_kappa = reference
+                given = ref_probs.reshape(flat.shape).to(flat.dtype)
+                if ref_kappa is not None:
+                    kappa = ref_kappa.reshape(-1).to(flat.dtype)
+            run = _UncertaintyPreserving.apply if self.fused else self._plain
+            ce, disp, se = run(flat, targets.reshape(-1), inv_temp, given, self.smoothing, kappa,
+                               self.penalty, self.semantic, self.code_to_cluster,
+                               self.num_clusters)
+        total, parts = ce, {"ce": ce}
+        if self.penalty is not None:
+            total, parts["disp"] = total + self.lambda_disp * disp, disp
+        if self.semantic is not None:
+            total, parts["se"] = total + self.lambda_se * se, se
+        return total.view(batch_shape), {k: v.detach().view(batch_shape) for k, v in parts.items()}
+
+
+    @staticmethod
+    def _plain(logits, targets, inv_temp, given, smoothing, kappa, penalty, semantic,
+               code_to_cluster, num_clusters):
+        """The same (ce, disp, se) as the fused function, written with the public
+        functions above and differentiated by autograd: the readable definition
+        (``fused: false``), and what the fused kernel is tested against."""
+        probs = logits.softmax(-1)
+        if given is not None:
+            ref = given
+        elif inv_temp is not None:
+            ref = (logits.detach() * inv_temp).softmax(-1)
+        else:
+            vocab = logits.shape[-1]
+            ref = (1 - smoothing) * F.one_hot(targets, vocab).to(logits.dtype) + smoothing / vocab
+        ce = cross_entropy_loss(logits, targets)
+        disp = dispersion_penalty(probs, ref, kappa, penalty) if penalty else ce.new_zeros(0)
+        if semantic == "match":
+            se = (semantic_entropy(probs, code_to_cluster, num_clusters)
+                  - semantic_entropy(ref, code_to_cluster, num_clusters)).square()
+        elif semantic == "nll":
+            cluster_p = cluster_probs(probs, code_to_cluster, num_clusters)
+            se = -safe_log(cluster_p.gather(-1, code_to_cluster[targets].unsqueeze(-1))
+                                 ).squeeze(-1)
+        else:
+            se = ce.new_zeros(0)
+        return ce, disp, se
+
+
+LOSSES = {"ce": CrossEntropy, "ls": LabelSmoothing, "lr": LabelRelaxation,
+          "up": UncertaintyPreservingLoss}
+_CONTEXT = ("code_to_cluster", "num_clusters", "scale_ids", "num_scales")
+
+
+def build_token_loss(kind: str, *, code_to_cluster: torch.Tensor | None = None,
+                     num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
+                     num_scales: int | None = None, **options) -> TokenLoss:
+    """The token loss of a variant: ``kind`` in ce | ls | lr | up, ``options`` its
+    params (epsilon; alpha; kappa, lambda_disp, ...). The tokenizer/model context
+    (clusters, scale of each position) is accepted for every kind, so one call
+    serves all variants; the baselines ignore it."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}")
+    cls = LOSSES[kind]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    allowed = [name for name, param in inspect.signature(cls.__init__).parameters.items()
+               if param.kind in named and name != "self" and name not in _CONTEXT]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"loss {kind!r} got unknown options {unknown}; allowed: {allowed}")
+    if kind == "up":
+        options.update(code_to_cluster=code_to_cluster, num_clusters=num_clusters,
+                       scale_ids=scale_ids, num_scales=num_scales)
+    return cls(**options)
+
+
