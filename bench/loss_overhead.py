@@ -40,7 +40,7 @@ from up.core.params import load_params
 from up.core.runtime import setup
 from up.models.transformer import VAR
 from up.training.empirical import EmpiricalReference
-from up.training.losses import build_token_loss
+from up.training.losses import build_token_loss, variant_params
 from up.training.references import EmpiricalTableReference, TeacherReference
 
 NUM_CLASSES = 10
@@ -77,7 +77,7 @@ def main() -> None:
     context = dict(code_to_cluster=torch.randint(0, tok.semantic_clusters, (tok.vocab_size,)),
                    num_clusters=tok.semantic_clusters, scale_ids=model.scale_ids,
                    num_scales=len(tok.patch_nums))
-    variant = params.variant(args.variant)
+    variant = variant_params(params, args.variant)
     options = variant.model_dump(exclude={"loss", "calib_every", "reference", "fused"})
 
     def up_loss(reference: str, fused: bool = True):

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from up.core.params import Params, TokenizerParams
 from up.models.tokenizer import MultiScaleVQVAE
 from up.models.transformer import VAR
-from up.training.losses import build_token_loss
+from up.training.losses import check_variants, declaration, variant_loss
 from up.training.tokenizer import build_tokenizer
 
 PEAK_TFLOPS = 989.0  # H100 SXM, bf16 dense
@@ -270,8 +270,8 @@ def build_losses(params: Params) -> dict[str, torch.nn.Module]:
                    num_clusters=tp.semantic_clusters,
                    scale_ids=torch.cat([torch.full((p * p,), k) for k, p in enumerate(tp.patch_nums)]),
                    num_scales=len(tp.patch_nums))
-    return {name: build_token_loss(v.loss, **context, **v.model_dump(exclude={"loss", "calib_every"}))
-            for name, v in params.runs.items() if v.loss != "ts"}  # ts: the teacher, not trained
+    return {name: variant_loss(spec, **context) for name, spec in check_variants(params).items()
+            if declaration(spec.loss).module is not None}  # ts: the teacher, not trained
 
 
 def transformer_rows(params: Params, model: VAR, losses: dict[str, torch.nn.Module],
@@ -291,8 +291,9 @@ def transformer_rows(params: Params, model: VAR, losses: dict[str, torch.nn.Modu
         forward.keep(inputs, logits)
     targets = torch.zeros(batch, model.seq_len, dtype=torch.long, device=s.device)
     rows = []
+    specs = check_variants(params)
     for name, loss_fn in losses.items():
-        kind = getattr(params.runs[name], "reference", None)
+        kind = declaration(specs[name].loss).reference(specs[name])
         loss_fn.to(s.device)
         with Probe() as step:
             extra = {}

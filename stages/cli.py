@@ -2,6 +2,10 @@
 
 Every stage command validates params.yaml before doing any work (exit 2 with
 one line per bad key), then sets threads and seeds and runs the stage module.
+A variant's loss settings are typed by its loss's declaration
+(up/training/losses.py), which the train stage checks first, with the same exit
+code and lines: checking them here would make every stage's code (and its DVC
+deps) include the losses.
 Heavy imports (torch) happen inside the commands so `up --help` stays fast.
 """
 
@@ -73,6 +77,7 @@ def _run(stage: str, seed: int | None = None, variant: str | None = None, featur
     if features and (problems := _offline_inception(params)):
         _fail(problems, 2)
     from up.core.errors import StageError
+    from up.core.params import ParamsError
     from up.core.runtime import setup
 
     setup(params.seed if seed is None else seed, params.threads)
@@ -82,6 +87,8 @@ def _run(stage: str, seed: int | None = None, variant: str | None = None, featur
         extra["variant"] = variant
     try:
         module.run(params, **extra, **kwargs)
+    except ParamsError as exc:  # checked by the stage before its work (a loss's settings)
+        _fail(exc.lines, 2)
     except (StageError, FileNotFoundError) as exc:
         _fail([f"{stage}: {exc}"], 1)
 
@@ -155,7 +162,7 @@ def report() -> None:
 @app.command()
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="A models/var-*.pt file.")],
-    out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("generated.png"),
+    out: Annotated[Path, typer.Option(help="Output PNG grid.")] = paths.GENERATED,
     tokenizer_path: Annotated[Path, typer.Option("--tokenizer")] = paths.TOKENIZER,
     classes: Annotated[str, typer.Option(help="Comma-separated class ids.")] = "0,1,2,3,4,5,6,7,8,9",
     n: Annotated[int, typer.Option(help="Images per class.")] = 8,

@@ -52,14 +52,13 @@ from up.evaluation.figures import (
 )
 from up.evaluation.selective import (
     class_accuracy,
-    class_diversity,
-    density_coverage,
     evaluator_log_p,
     kept_count,
-    on_class_diversity,
     realism_score,
     score_correlations,
+    selective_figures,
     selective_statistics,
+    set_figures,
     stratified_curves,
 )
 from up.generation.scores import image_scores
@@ -102,10 +101,7 @@ def calibration(params: Params, variant: str, seed: int, device: torch.device, c
     if parts is None:
         return None
     meter = merge_meters(parts)
-    calib = meter.compute()
-    figures = {"ece": calib["ece"], "nll": calib["nll"], "brier": calib["brier"],
-               "token_accuracy": calib["accuracy"], "n_val_images": len(val),
-               "n_val_tokens": meter.count}
+    figures = {**meter.figures(), "n_val_images": len(val), "n_val_tokens": meter.count}
     return figures, meter.bins()
 
 
@@ -118,29 +114,12 @@ def quality_figures(gen: dict, real: dict, config: FidelityConfig,
     return quality
 
 
-def selective_figures(rows: list[dict], stats: list[dict], smallest: float) -> dict:
-    """Per-score AUROC, AURC gain and Spearman (with intervals) and subset FID at the
-    smallest kept fraction, as flat metric keys."""
-    figures = {f"selective_fid_{r['score']}": r["fid"] for r in rows if r["fraction"] == smallest}
-    for row in stats:
-        sc = row["score"]
-        figures.update({
-            f"auroc_{sc}": row["auroc"], f"auroc_{sc}_lo": row["auroc_lo"],
-            f"auroc_{sc}_hi": row["auroc_hi"], f"aurc_{sc}": row["aurc_failure"],
-            f"aurc_gain_{sc}": row["aurc_gain_failure"],
-            f"aurc_gain_{sc}_lo": row["aurc_gain_failure_lo"],
-            f"aurc_gain_{sc}_hi": row["aurc_gain_failure_hi"],
-            f"spearman_{sc}": row["spearman_log_p"], f"spearman_{sc}_lo": row["spearman_log_p_lo"],
-            f"spearman_{sc}_hi": row["spearman_log_p_hi"]})
-    return figures
-
-
 def run(params: Params, variant: str, seed: int) -> None:
     ev = params.evaluate
     params.variant(variant)
     device = resolve_device(params.device)
 
-    samples = load_torch(paths.samples(variant, seed) / "samples.pt", "samples")
+    samples = load_torch(paths.samples(variant, seed) / paths.SAMPLES_FILE, "samples")
     test = load_image_split(paths.PREPARED, "test")
     gen, real = samples["images"], test.images
     smallest = kept_count(len(gen), min(ev.selective_fractions))
@@ -201,18 +180,11 @@ def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, re
     n_gen, n_real = len(gen_fid), len(real["fid"])
     figures = {
         **quality,
-        **density_coverage(gen_fid, real["fid"], ev.pr_neighborhood),
-        "diversity": on_class_diversity(gen_features, gen_logits, gen_classes),
-        "diversity_all": class_diversity(gen_features, gen_classes),
-        "diversity_real": on_class_diversity(real["features"], real["logits"], real_labels),
-        "class_accuracy": class_accuracy(gen_logits, labels),
+        **set_figures(gen, real, gen_classes, labels, real_labels, ev.pr_neighborhood),
         **calib,
         "failure_rate": failed.double().mean().item(),
         "log_p_mean": log_p.mean().item(),
         "realism_median": realism.median().item(),
-        "aurc_random": stats[0]["aurc_failure_random"],
-        "aurc_oracle": stats[0]["aurc_failure_oracle"],
-        "selective_fraction": smallest,
         **selective_figures(rows, stats, smallest),
         "n_samples": n_gen,
         "n_real": n_real,
@@ -226,20 +198,20 @@ def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, re
                    "realism": float(realism[i]), "failed": bool(failed[i]),
                    **{sc: float(v[i]) for sc, v in scores.items()}} for i in range(n_gen)]
     save_json(figures, paths.metrics(f"eval-{name}"))
-    save_json(bins, plots / "reliability.json")
-    save_json(rows, plots / "selective.json")
-    save_json(curves, plots / "risk_coverage.json")
-    save_json(stats, plots / "selective_stats.json")
+    save_json(bins, plots / paths.RELIABILITY_JSON)
+    save_json(rows, plots / paths.SELECTIVE_JSON)
+    save_json(curves, plots / paths.RISK_COVERAGE_JSON)
+    save_json(stats, plots / paths.SELECTIVE_STATS_JSON)
     save_json([{"score_a": a, "score_b": b, "spearman": correlations["spearman"][i][j]}
                for i, a in enumerate(correlations["scores"])
-               for j, b in enumerate(correlations["scores"])], plots / "score_correlation.json")
-    save_json(per_sample, plots / "per_sample.json")
+               for j, b in enumerate(correlations["scores"])], plots / paths.SCORE_CORRELATION_JSON)
+    save_json(per_sample, plots / paths.PER_SAMPLE_JSON)
     label = f"{name} (N={n_gen} vs {n_real} test)"
     save_figure(reliability_figure({f"{name} ({calib['n_val_tokens']} val tokens)": bins}),
-                plots / "reliability.png")
-    save_figure(selective_figure({label: rows}), plots / "selective.png")
-    save_figure(risk_coverage_figure({label: curves}), plots / "risk_coverage.png")
-    save_figure(correlation_figure(correlations, name), plots / "score_correlation.png")
+                plots / paths.RELIABILITY_PNG)
+    save_figure(selective_figure({label: rows}), plots / paths.SELECTIVE_PNG)
+    save_figure(risk_coverage_figure({label: curves}), plots / paths.RISK_COVERAGE_PNG)
+    save_figure(correlation_figure(correlations, name), plots / paths.SCORE_CORRELATION_PNG)
     print(f"evaluate {name}: FID {quality['fid']:.4g}, precision {quality['precision']:.3f}, "
           f"recall {quality['recall']:.3f}, ECE {calib['ece']:.4f}, failed "
           f"{figures['failure_rate']:.3f}, AUROC(entropy) {figures.get('auroc_entropy') or 0:.3f} "

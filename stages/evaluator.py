@@ -19,9 +19,10 @@ def run(params: Params) -> None:
     model = train_evaluator(train.images, train.labels, num_classes, widths=cfg.widths,
                             feature_dim=cfg.feature_dim, feature_scale=cfg.feature_scale,
                             steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                            warmup_steps=cfg.warmup_steps, eval_batch_size=cfg.eval_batch_size,
                             seed=params.seed, device=device)
-    train_acc = accuracy(model, train.images, train.labels, device)
-    test_acc = accuracy(model, test.images, test.labels, device)
+    train_acc = accuracy(model, train.images, train.labels, cfg.eval_batch_size, device)
+    test_acc = accuracy(model, test.images, test.labels, cfg.eval_batch_size, device)
     save_evaluator(model.cpu(), paths.EVALUATOR, classes=train.classes, seed=params.seed)
     save_json({"train_accuracy": train_acc, "test_accuracy": test_acc,
                "feature_multiplier": model.feature_multiplier, "n_train": len(train),

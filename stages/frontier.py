@@ -11,15 +11,12 @@ results/frontier.png (the three frontier panels). The rules are in up/evaluation
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from up.core import paths
 from up.core.errors import StageError
 from up.core.io import save_figure, save_json, save_text
 from up.core.params import Params
 from up.evaluation.frontier import frontier_figure, markdown, summarize
-
-OUT = Path("results")
 
 
 def run(params: Params) -> None:
@@ -34,8 +31,8 @@ def run(params: Params) -> None:
     fixed = {"precision": params.sweep.match_precision,
              "class_accuracy": params.sweep.match_class_accuracy}
     summary = summarize(sweeps, baselines, fixed)
-    save_text(markdown(summary), OUT / "frontier.md")
-    save_json(summary, OUT / "frontier.json")
+    save_text(markdown(summary), paths.FRONTIER_MD)
+    save_json(summary, paths.FRONTIER_JSON)
     annotate = params.teacher if params.teacher in sweeps else next(iter(sweeps))
-    save_figure(frontier_figure(summary, annotate=annotate), OUT / "frontier.png")
-    print((OUT / "frontier.md").read_text())
+    save_figure(frontier_figure(summary, annotate=annotate), paths.FRONTIER_FIGURE)
+    print(paths.FRONTIER_MD.read_text())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from up.core import paths
 from up.core.errors import StageError
 from up.core.io import load_torch, save_torch
 from up.core.params import Params
@@ -66,7 +67,7 @@ def import_checkpoints(params: Params, vae: Path | None, var: Path | None,
                     "imported_from": str(vae)}, tokenizer_out)
         written.append(tokenizer_out)
     if transformer is not None:
-        out = var_out or Path(f"models/var-d{transformer.depth}-imported.pt")
+        out = var_out or paths.imported_var(transformer.depth)
         save_torch({"config": transformer.config(), "state_dict": transformer.state_dict(),
                     "ema_state_dict": None,
                     "variant": {"name": "imported", "imported_from": str(var)},
@@ -96,12 +97,11 @@ def export_checkpoints(tokenizer: Path | None, checkpoint: Path | None, vae_out:
     if vq is not None:
         state = export_vae(vq)
         c = vq.config
-        out = vae_out or Path(f"exported/vae_ch{c['base_width']}v{c['vocab_size']}"
-                              f"z{c['latent_channels']}.pth")
+        out = vae_out or paths.exported_vae(c["base_width"], c["vocab_size"], c["latent_channels"])
         save_torch(state, out)
         written.append(out)
     if transformer is not None:
-        out = var_out or Path(f"exported/var_d{transformer.depth}.pth")
+        out = var_out or paths.exported_var(transformer.depth)
         save_torch(export_var(transformer), out)
         written.append(out)
     return written

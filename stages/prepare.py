@@ -37,7 +37,7 @@ def write_images(raw: RawData, cfg, workers: int) -> tuple[np.ndarray, list[dict
     n = len(raw.items)
     kept, skipped, block, start = np.zeros(n, dtype=bool), [], [], 0
     blank = np.zeros((cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
-    with array_writer(paths.PREPARED / "images.npy", (n, *blank.shape), np.uint8) as writer, \
+    with array_writer(paths.PREPARED / paths.IMAGES, (n, *blank.shape), np.uint8) as writer, \
             progress() as bar:
         task = bar.add_task("prepare: decode", total=n, info="")
         for number, image, reason in decoded(raw, cfg.channels, cfg.image_size, cfg.fit, workers):
@@ -72,9 +72,9 @@ def run(params: Params) -> None:
         per_class = torch.bincount(labels[index], minlength=len(raw.classes)).tolist()
         counts[name] = {"total": len(index),
                         "per_class": dict(zip(raw.classes, per_class, strict=True))}
-    save_json(skipped, paths.PREPARED / "skipped.json")
+    save_json(skipped, paths.PREPARED / paths.SKIPPED)
     save_json({"source": cfg.source, "seed": params.seed,
-               **params.data.model_dump(exclude={"workers"})}, paths.PREPARED / "params.json")
+               **params.data.model_dump(exclude={"workers"})}, paths.PREPARED / paths.RECORD)
     save_json({"source": cfg.source, "images": int(kept.sum()), "classes": len(raw.classes),
                "skipped": len(skipped), "splits": counts}, paths.metrics("prepare"))
 
@@ -82,4 +82,4 @@ def run(params: Params) -> None:
     shown = preview_rows(train.labels, len(raw.classes), cfg.preview_per_class, cfg.preview_classes)
     picked = train.images[[max(r, 0) for r in shown]]
     picked[torch.tensor(shown) < 0] = 0
-    save_image_grid(picked, "plots/prepare/preview.png", nrow=cfg.preview_per_class)
+    save_image_grid(picked, paths.PREPARE_PREVIEW, nrow=cfg.preview_per_class)

@@ -72,14 +72,14 @@ def save_figures(images: torch.Tensor, labels: torch.Tensor, uncertainty: dict, 
     """grid.png (rows = classes, at most ``sp.grid_classes``) and uncertainty_map.png (one
     image of each of at most 10 of those classes over its finest-scale entropy)."""
     per_row = min(sp.grid_per_class, sp.n_per_class)
-    save_image_grid(images[grid_rows(labels, sp.grid_classes, per_row)], out / "grid.png",
+    save_image_grid(images[grid_rows(labels, sp.grid_classes, per_row)], out / paths.GRID,
                     nrow=per_row)
     shown = grid_rows(labels, min(sp.grid_classes, 10), 1)
     finest = uncertainty["maps"]["entropy"][-1][shown]
     image_h = uncertainty["image"]["entropy"][shown]
     titles = [("uncond" if labels[i] < 0 else f"class {labels[i]}") + f"\nH={h:.2f}"
               for i, h in zip(shown.tolist(), image_h.tolist(), strict=True)]
-    save_figure(uncertainty_figure(images[shown], finest, titles), out / "uncertainty_map.png")
+    save_figure(uncertainty_figure(images[shown], finest, titles), out / paths.UNCERTAINTY_MAP)
 
 
 def run(params: Params, variant: str, seed: int) -> None:
@@ -116,8 +116,9 @@ def run(params: Params, variant: str, seed: int) -> None:
                   else scale_temperatures.tolist(), **sp.model_dump())
     if sp.save_pngs:
         for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-            save_image_grid(img[None], out / "png" / f"{i:05d}_c{label}.png", nrow=1, padding=0)
+            save_image_grid(img[None], out / paths.SAMPLE_PNGS / paths.sample_png(i, label),
+                            nrow=1, padding=0)
     save_figures(images, labels, result["uncertainty"], sp, out)
-    save_json(config, out / "params.json")
+    save_json(config, out / paths.RECORD)
     save_torch(dict(images=images, labels=labels, uncertainty=result["uncertainty"], seed=seed,
-                    config=config), out / "samples.pt")
+                    config=config), out / paths.SAMPLES_FILE)

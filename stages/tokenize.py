@@ -21,10 +21,9 @@ from up.data.splits import (
 )
 from up.models.tokenizer import index_dtype, load_tokenizer, tokenize_images
 
-BATCH = 256
-
 
 def run(params: Params) -> None:
+    batch = params.tokenize.batch_size
     device = resolve_device(params.device)
     model = load_tokenizer(paths.TOKENIZER, device)
     length = sum(p * p for p in model.patch_nums)
@@ -34,8 +33,8 @@ def run(params: Params) -> None:
             data = load_image_split(paths.PREPARED, split)
             task = bar.add_task(f"tokenize {split}", total=len(data), info="")
             with array_writer(token_path(paths.TOKENS, split), (len(data), length), dtype) as out:
-                for start, images in data.images.chunks(BATCH):
-                    out.write(start, tokenize_images(model, images, BATCH, device).numpy())
+                for start, images in data.images.chunks(batch):
+                    out.write(start, tokenize_images(model, images, batch, device).numpy())
                     bar.update(task, completed=start + len(images))
             save_token_labels(paths.TOKENS, split, data.labels)
             classes = data.classes

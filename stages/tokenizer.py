@@ -28,7 +28,7 @@ from up.training.tokenizer import (
     train_tokenizer,
 )
 
-CHECKPOINT = paths.CHECKPOINTS / "tokenizer.pt"
+CHECKPOINT = paths.TOKENIZER_CHECKPOINT
 MODEL = paths.TOKENIZER
 
 
@@ -111,11 +111,11 @@ def run(params: Params) -> None:
                                            params.seed, params.threads)
     save_torch({"config": model.config, "state_dict": model.cpu().state_dict(),
                 "code_to_cluster": code_to_cluster, "num_clusters": tp.semantic_clusters}, MODEL)
-    save_json(resolved, MODEL.with_suffix(".params.json"))
+    save_json(resolved, paths.resolved_params(MODEL))
     save_json({**metrics, **trained, "stage_train_s": round(train_s, 2),
                "clusters_used": int(torch.unique(code_to_cluster).numel())},
               paths.metrics("tokenizer"))
     save_tsv(state.curves if state is not None else [{"step": 0, "loss": 0.0}],
-             "plots/tokenizer/curves.tsv")
-    save_image_grid(grid, "plots/tokenizer/grid.png", nrow=len(shown))
+             paths.TOKENIZER_CURVES)
+    save_image_grid(grid, paths.TOKENIZER_GRID, nrow=len(shown))
     CHECKPOINT.unlink(missing_ok=True)

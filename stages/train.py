@@ -16,6 +16,7 @@ from up.core.distributed import distributed
 from up.core.io import save_json, save_torch, save_tsv
 from up.core.params import Params
 from up.core.runtime import resolve_device
+from up.training.losses import declaration
 from up.training.run import (
     RunPaths,
     build_run,
@@ -28,13 +29,13 @@ from up.training.run import (
 
 def run(params: Params, variant: str, seed: int) -> None:
     tag = paths.run_tag(variant, seed)
-    checkpoint = paths.CHECKPOINTS / f"var-{tag}.pt"
+    checkpoint = paths.checkpoint(variant, seed)
     spec = params.variant(variant)
     run_paths = RunPaths(checkpoint, paths.TOKENS, paths.TOKENIZER,
                          teacher=paths.model(params.teacher, seed) if variant in params.derived
                          else None,
                          reference=paths.REFERENCE)
-    if spec.loss == "ts":
+    if declaration(spec.loss).module is None:  # post hoc (ts): fitted, not trained
         result = temperature_scale(params, variant, seed, run_paths)
     else:
         with distributed(resolve_device(params.device).type) as ctx:
@@ -45,7 +46,7 @@ def run(params: Params, variant: str, seed: int) -> None:
             result = finish(state, params)
     model = paths.model(variant, seed)
     save_torch(result.model, model)
-    save_json(resolved_params(params, variant, seed), model.with_suffix(".params.json"))
+    save_json(resolved_params(params, variant, seed), paths.resolved_params(model))
     save_json(result.metrics, paths.metrics(f"train-{tag}"))
-    save_tsv(result.rows, f"plots/train/{tag}.tsv")
+    save_tsv(result.rows, paths.train_curves(variant, seed))
     checkpoint.unlink(missing_ok=True)

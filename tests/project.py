@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from pydantic import BaseModel
 
 from up.core.io import save_torch
 from up.core.params import Params
@@ -49,6 +50,28 @@ def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = merge(base[key], value) if isinstance(value, dict) and key in base else value
     return out
+
+
+# Maps of run names, not settings: an override gives them whole (merging would add
+# params.yaml's runs to the test's).
+RUN_MAPS = ("variants", "derived")
+
+
+def params_dict(**overrides) -> dict:
+    """The repository's params.yaml with ``overrides`` deep-merged into it: the one
+    way tests build params. A section may be given as a dict of some of its keys or
+    as a section object; ``variants`` and ``derived`` replace params.yaml's."""
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    given = {key: value.model_dump() if isinstance(value, BaseModel) else value
+             for key, value in overrides.items()}
+    out = merge(base, {k: v for k, v in given.items() if k not in RUN_MAPS})
+    out.update({k: v for k, v in given.items() if k in RUN_MAPS})
+    return out
+
+
+def params_from_yaml(**overrides) -> Params:
+    """``Params`` of params.yaml with ``overrides`` (see ``params_dict``)."""
+    return Params(**params_dict(**overrides))
 
 
 def env(tmp: Path) -> dict[str, str]:
@@ -132,6 +155,7 @@ def save_tokens(root, split, indices, labels, classes, patch_nums):
 
 
 def tiny_params(train=None, up=None, transformer=None) -> dict:
+    """Overrides of params.yaml for the tiny token project (``params_from_yaml(**...)``)."""
     return {
         "seed": 0, "threads": 1, "device": "cpu", "data": {"source": "digits"},
         "transformer": {"depth": 2, "width": 32, "heads": 2, **(transformer or {})},
@@ -153,9 +177,9 @@ def train_tiny(root, params: dict, variant="ce", checkpoint="ckpt.pt", teacher=N
     """build_run + train + finish, as the train stage composes them."""
     setup(0, 1)
     paths = run_paths(root, checkpoint, teacher)
-    state = build_run(Params(**params), variant, 0, paths)
+    state = build_run(params_from_yaml(**params), variant, 0, paths)
     train(state, paths.checkpoint)
-    return finish(state, Params(**params))
+    return finish(state, params_from_yaml(**params))
 
 
 def crafted_checkpoint(path: Path, marker: Path) -> Path:

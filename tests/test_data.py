@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.project import copy_project, run
+from tests.project import copy_project, params_from_yaml, run
 from up.core.errors import StageError
 from up.data.sources import conform, decoded, load_imagefolder, load_source, read_image, stratified_split
 from up.data.splits import DiskArray, array_writer, load_image_split
@@ -15,7 +15,8 @@ from up.data.splits import DiskArray, array_writer, load_image_split
 
 @pytest.mark.parametrize("source, n, side", [("mnist5k", 5000, 28), ("digits", 1797, 8)])
 def test_offline_sources(source, n, side):
-    raw = load_source(source)
+    data = params_from_yaml(data={"source": source}).data
+    raw = load_source(data.source, data.root, data.download)
     assert len(raw.items) == n == len(raw.labels)
     assert raw.items[0].shape == (1, side, side) and raw.items[0].dtype == torch.uint8
     assert raw.classes == [str(d) for d in range(10)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.project import make_project, tiny_params, train_tiny
+from tests.project import make_project, params_dict, tiny_params, train_tiny
 from tests.test_train import Interrupted, failing_loss
 from up.core.io import load_torch
 
@@ -36,8 +36,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path)
     # cond_drop > 0: the dropout mask is drawn per global batch, so it matches too.
-    params = tiny_params(train={"steps": 4, "batch_size": 8, "cond_drop": 0.25,
-                                "save_every": 2})
+    params = params_dict(**tiny_params(train={"steps": 4, "batch_size": 8, "cond_drop": 0.25,
+                                              "save_every": 2}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     torchrun_train(tmp_path, "ce")
     two = load_torch(tmp_path / "models" / "var-ce-s0.pt")["state_dict"]
@@ -59,8 +59,8 @@ def test_run_checkpointed_on_one_process_resumes_on_two(tmp_path, monkeypatch):
     sharded temperature fit is part of what must agree."""
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path)
-    params = tiny_params(train={"steps": 6, "batch_size": 8, "cond_drop": 0.25,
-                                "save_every": 2}, up={"calib_every": 2})
+    params = params_dict(**tiny_params(train={"steps": 6, "batch_size": 8, "cond_drop": 0.25,
+                                              "save_every": 2}, up={"calib_every": 2}))
     failing_loss(monkeypatch, at_call=5, action="interrupt")  # dies in step 5
     with pytest.raises(Interrupted):
         train_tiny(tmp_path, params, "up", "checkpoints/var-up-s0.pt")

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 import up.training.empirical as empirical
-from up.training.empirical import CONTEXTS, EmpiricalReference, select_reference
+from up.training.empirical import (
+    CONTEXTS,
+    ContextKeys,
+    CountTable,
+    EmpiricalReference,
+    mean_nll,
+    mean_nll_per_scale,
+    select_reference,
+)
 
 # patch_nums [1, 2], V = 3, C = 2 (label 2 = no class), L = 5: three images written out by hand.
 PN, V, C, A0 = [1, 2], 3, 2, 1.5
@@ -192,6 +200,16 @@ def test_state_dict_round_trip():
     assert torch.equal(back.to("cpu").alpha(tokens[:2], labels[:2]), ref.alpha(tokens[:2], labels[:2]))
 
 
+def test_saved_table_holds_only_its_entries_so_equal_tables_save_equal_bytes():
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 9, (20, 14), generator=g)
+    labels = torch.randint(0, 4, (20,), generator=g)
+    state = EmpiricalReference.fit(tokens, labels, [1, 2, 3], 9, 3, "parent_class", 2.5).state_dict()
+    for name, value in state.items():
+        if torch.is_tensor(value):  # no stale tail of a larger buffer goes into the file
+            assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), name
+
+
 def test_memory_is_sparse_and_grows_with_pairs():
     g = torch.Generator().manual_seed(6)
     pn, v, c = [1, 2, 3, 4, 6, 8], 512, 10
@@ -229,3 +247,89 @@ def test_invalid_inputs_raise():
         ref.nll(TOKENS.float(), LABELS)
     with pytest.raises(ValueError, match="unknown empirical context"):
         select_reference(TOKENS, LABELS, TOKENS, LABELS, PN, V, C, ["scale", "nope"], [1.0])
+
+
+# -- the parts on their own: keys, count table, posterior, NLL (module doc, Layout) ----------
+
+
+def test_context_keys_by_hand():
+    """key = (scale (V + 1) + parent) (C + 1) + class, scale 0's parent being the sentinel V = 3;
+    a training token counts under its class and again under "no class" C = 2."""
+    keys = ContextKeys(PN, V, C, "parent_class", "cpu")
+    idx, lab = keys.check(TOKENS, LABELS)
+    assert keys.keys(idx, lab).tolist() == [[9] + [18] * 4,    # class 0: (3) 3 + 0, (4 + 2) 3 + 0
+                                            [10] + [19] * 4,   # class 1, parent 2
+                                            [9] + [12] * 4]    # class 0, parent 0
+    ctx, codes = keys.counted(idx, lab)
+    assert ctx.tolist() == [9] + [18] * 4 + [10] + [19] * 4 + [9] + [12] * 4 \
+        + [11] + [20] * 4 + [11] + [20] * 4 + [11] + [14] * 4
+    assert codes.tolist() == TOKENS.flatten().tolist() * 2
+    dropped = keys.counted(*keys.check(TOKENS, torch.tensor([0, C, 0])))[0]
+    assert dropped.numel() == 15 + 10                          # image 1 counted once
+    scale = ContextKeys(PN, V, C, "scale", "cpu")
+    assert scale.keys(idx, lab).unique().tolist() == [11, 23]  # (0 + 3) 3 + 2, (4 + 3) 3 + 2
+    assert scale.counted(idx, lab)[0].numel() == 15            # no class: no marginal copy
+
+
+# Counts of the class-free `scale` context (keys 11 and 23) in two chunks:
+# context 11 saw codes 2, 2, 0, 2 and context 23 saw 0, 1.
+CHUNKS = [(torch.tensor([11, 11, 11]), torch.tensor([2, 2, 0])),
+          (torch.tensor([23, 23, 11]), torch.tensor([0, 1, 2]))]
+
+
+@pytest.mark.parametrize("merge_min", [1 << 16, 1])
+def test_count_table_by_hand(merge_min, monkeypatch):
+    monkeypatch.setattr(empirical, "_MERGE_MIN", merge_min)   # 1: merged after every chunk
+    table = CountTable.count(iter(CHUNKS), V, torch.device("cpu"))
+    assert table.ctx_keys.tolist() == [11, 23] and table.ctx_totals.tolist() == [4, 2]
+    assert table.offsets.tolist() == [0, 2, 4]
+    assert table.pair_keys.tolist() == [11 * V + 0, 11 * V + 2, 23 * V + 0, 23 * V + 1]
+    assert table.pair_counts.tolist() == [1, 3, 1, 1] and table.pair_counts.dtype == torch.int32
+    assert table.memory_bytes() == 24 * 2 + 8 + 12 * 4
+    n_c, n_cy = table.target_counts(torch.tensor([11, 11, 23, 5]), torch.tensor([2, 1, 1, 0]))
+    assert n_c.tolist() == [4, 4, 2, 0] and n_cy.tolist() == [3, 0, 1, 0]
+    rows, codes, counts = table.entries(torch.tensor([5, 23, 11]))   # 5 was never seen
+    assert rows.tolist() == [1, 1, 2, 2] and codes.tolist() == [0, 1, 0, 2]
+    assert counts.tolist() == [1, 1, 1, 3]
+    empty = CountTable.count(iter([]), V, torch.device("cpu"))
+    assert empty.num_contexts == empty.num_pairs == 0 and empty.offsets.tolist() == [0]
+    assert [x.tolist() for x in empty.entries(torch.tensor([11]))] == [[], [], []]
+
+
+def test_posterior_and_nll_by_hand():
+    """p(y | c) = (n(c, y) + a_0 / V) / (n(c) + a_0) over the hand table; leave-one-out
+    removes the token's own count only where it was counted."""
+    table = CountTable.count(iter(CHUNKS), V, torch.device("cpu"))
+    ref = EmpiricalReference(ContextKeys(PN, V, C, "scale", "cpu"), table, A0)
+    a0v = A0 / V
+    query = torch.tensor([[2, 0, 1, 2, 2]])
+    alpha = ref.alpha(query, None)
+    assert torch.equal(alpha[0, 0], t(1, 0, 3) + a0v)
+    assert all(torch.equal(alpha[0, i], t(1, 1, 0) + a0v) for i in range(1, 5))
+    _, kappa = ref.probs_and_evidence(query, None)
+    assert kappa[0].tolist() == [4 + A0] + [2 + A0] * 4
+    loo = ref.alpha(query, None, leave_one_out=True)
+    assert torch.equal(loo[0, 0], t(1, 0, 2) + a0v)            # (11, 2) was counted
+    assert torch.equal(loo[0, 3], alpha[0, 3])                 # (23, 2) never was
+    expected = [(3 + a0v) / (4 + A0), (1 + a0v) / (2 + A0), (1 + a0v) / (2 + A0), a0v / (2 + A0),
+                a0v / (2 + A0)]
+    nll = ref.target_nll(*ref.keys.check(query, None), leave_one_out=False)
+    assert nll[0].tolist() == pytest.approx([-math.log(p) for p in expected])
+    assert mean_nll(ref, query, None) == pytest.approx(-sum(math.log(p) for p in expected) / 5)
+    assert mean_nll_per_scale(ref, query, None) == pytest.approx(
+        [-math.log(expected[0]), -sum(math.log(p) for p in expected[1:]) / 4])
+    loo_expected = [(2 + a0v) / (3 + A0), a0v / (1 + A0), a0v / (1 + A0), a0v / (2 + A0), a0v / (2 + A0)]
+    nll = ref.target_nll(*ref.keys.check(query, None), leave_one_out=True)
+    assert nll[0].tolist() == pytest.approx([-math.log(p) for p in loo_expected])
+
+
+def test_fit_is_the_parts_composed():
+    """fit = ContextKeys.counted per chunk -> CountTable.count; the `scale` counts of TOKENS."""
+    ref = fit("scale", chunk=2)
+    assert ref.table.ctx_keys.tolist() == [11, 23] and ref.table.ctx_totals.tolist() == [3, 12]
+    assert ref.table.pair_keys.tolist() == [33, 35, 69, 70, 71]
+    assert ref.table.pair_counts.tolist() == [1, 2, 6, 5, 1]
+    assert ref.with_prior(3.0).table is ref.table                # prior search shares the counts
+    state = ref.state_dict()
+    assert list(state) == ["version", "patch_nums", "vocab_size", "num_classes", "context", "prior",
+                           "ctx_keys", "ctx_totals", "offsets", "pair_keys", "pair_counts"]

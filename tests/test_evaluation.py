@@ -18,16 +18,14 @@ from up.evaluation.evaluator import (
     save_evaluator,
     train_evaluator,
 )
+from up.evaluation.extractor import EVALUATOR_EXTRACTOR, EvaluatorFeatureExtractor, register_evaluator
 from up.evaluation.fidelity import (
-    EVALUATOR_EXTRACTOR,
     INCEPTION_EXTRACTOR,
-    EvaluatorFeatureExtractor,
     FidelityConfig,
     SubsetQuality,
     compute_quality,
     extract_features,
     frechet_distance,
-    register_evaluator,
 )
 from up.evaluation.selective import (
     class_accuracy,
@@ -38,7 +36,8 @@ from up.evaluation.selective import (
     realism_score,
 )
 
-TRAIN_ARGS = dict(widths=[8, 16], feature_dim=16, feature_scale=0.4, batch_size=64, lr=3e-3)
+TRAIN_ARGS = dict(widths=[8, 16], feature_dim=16, feature_scale=0.4, batch_size=64, lr=3e-3,
+                  warmup_steps=50, eval_batch_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,8 @@ def config(evaluator_path):
 def test_evaluator_classifies_and_has_inception_like_feature_scale(digits, evaluator_path):
     (train_x, _), (held_x, held_y), _ = digits
     model = load_evaluator(evaluator_path)
-    assert accuracy(model, held_x, held_y) > 0.8
-    features, logits = evaluator_outputs(model, train_x)
+    assert accuracy(model, held_x, held_y, 256) > 0.8
+    features, logits = evaluator_outputs(model, train_x, 256)
     assert features.shape == (len(train_x), 16) and logits.shape == (len(train_x), 10)
     assert features.pow(2).mean().sqrt().item() == pytest.approx(0.4, rel=1e-4)
 
@@ -232,11 +231,11 @@ def test_class_diversity_and_accuracy_by_hand():
 def test_realism_of_real_images_is_high_and_of_noise_low(digits, evaluator_path):
     (_, _), (real_x, real_y), (held_x, held_y) = digits
     model = load_evaluator(evaluator_path)
-    real_f, _ = evaluator_outputs(model, real_x)
-    held_f, _ = evaluator_outputs(model, held_x)
+    real_f, _ = evaluator_outputs(model, real_x, 256)
+    held_f, _ = evaluator_outputs(model, held_x, 256)
     noise = torch.randint(0, 256, held_x.shape, generator=torch.Generator().manual_seed(0),
                           dtype=torch.uint8)
-    noise_f, _ = evaluator_outputs(model, noise)
+    noise_f, _ = evaluator_outputs(model, noise, 256)
     real_score = realism_score(held_f, held_y, real_f, real_y, k=3)
     noise_score = realism_score(noise_f, held_y, real_f, real_y, k=3)
     assert real_score.median() > 1.0 and (real_score >= 1).double().mean() > 0.8
@@ -271,6 +270,8 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     from tests.project import ROOT, save_prepared
     from up.core.io import save_torch
     from up.core.params import load_params
+    from up.evaluation.metrics import summary_keys
+    from up.evaluation.report import METRICS
 
     _, (real_x, real_y), (held_x, held_y) = digits
     order = torch.argsort(held_y, stable=True)
@@ -305,6 +306,8 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     elapsed = time.perf_counter() - start
 
     metrics = json.loads((tmp_path / "metrics/eval-ce-s0.json").read_text())
+    # every figure the report shows is in the file (calibration is stubbed above)
+    assert set(summary_keys(METRICS)) - set(metrics) == {"nll", "brier", "token_accuracy"}
     for key in ("density", "coverage", "diversity", "diversity_all", "failure_rate",
                 "aurc_random", "aurc_oracle", "selective_fid_oracle", "selective_fid_random"):
         assert metrics[key] is not None, key

@@ -45,7 +45,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "var-official"
 
 
 def _load(name: str):
-    return torch.load(FIXTURE / name, map_location="cpu", weights_only=False)
+    return torch.load(FIXTURE / name, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,36 @@
 """Token losses and temperature scaling against hand-computed values (float64)."""
 
 import math
+from typing import Literal
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from tests.project import params_from_yaml
+from up.core.params import ParamsError
 from up.models.temperature import TemperatureCalibrator, fit_temperature
 from up.models.uncertainty import cluster_probs, dirichlet_variance, semantic_entropy
+from up.training import losses
 from up.training.losses import (
+    DECLARATIONS,
+    LOSSES,
     VAR_FLOOR,
+    LossDeclaration,
+    LossParams,
+    TokenLoss,
     UncertaintyPreservingLoss,
     _UncertaintyPreserving,
     build_token_loss,
+    check_variants,
     cross_entropy_loss,
     dispersion_penalty,
     label_relaxation_loss,
     label_smoothing_loss,
+    variant_loss,
+    variant_params,
+    variant_union,
 )
 
 D = torch.float64
@@ -331,6 +345,102 @@ def test_build_token_loss_rejects_unknown_names():
         build_token_loss("ce", epsilon=0.1)
     with pytest.raises(ValueError, match="scale_ids"):
         build_token_loss("up", code_to_cluster=CLUSTERS, num_clusters=C, **UP_OPTIONS)
+
+
+# -- the registry: every list of losses is read from the declarations --------
+
+
+class _Toy(TokenLoss):
+    """A loss only these tests declare: CE times gamma, and the scales it was given."""
+
+    def __init__(self, gamma: float, scale_ids=None, num_scales=None):
+        super().__init__()
+        self.gamma, self.num_scales = gamma, num_scales
+
+    def forward(self, logits, targets):
+        ce = cross_entropy_loss(logits, targets)
+        return self.gamma * ce, {"ce": ce.detach()}
+
+
+class _ToyParams(LossParams):
+    loss: Literal["toy"]
+    gamma: float = Field(1.0, gt=0)
+    every: int = Field(5, ge=1)  # read by the loop, not the module
+
+
+@pytest.fixture
+def toy(monkeypatch, tmp_path):
+    """`toy` declared in a copy of the registry (gone after the test); Params built in
+    an empty folder, from the given sections alone."""
+    monkeypatch.setattr(losses, "DECLARATIONS", dict(losses.DECLARATIONS))
+    monkeypatch.chdir(tmp_path)
+    return losses.declare(LossDeclaration("toy", _ToyParams, _Toy, context=("scales",),
+                                          loop_keys=("every",),
+                                          needs_teacher=lambda p: p.gamma > 10))
+
+
+def _params(variants: dict, derived: dict | None = None):
+    return params_from_yaml(variants=variants, derived=derived or {}, teacher=next(iter(variants)))
+
+
+def test_each_declared_loss_has_its_tag_params_model_and_module():
+    assert list(LOSSES) == ["ce", "ls", "lr", "up"]  # ts trains nothing
+    for name, declared in DECLARATIONS.items():
+        assert issubclass(declared.params, LossParams) and declared.name == name
+        assert type(variant_union().validate_python({"loss": name})) is declared.params
+        assert (declared.module is None) == (name == "ts")
+        if declared.module is not None:
+            assert LOSSES[name] is declared.module and issubclass(declared.module, TokenLoss)
+
+
+def test_a_declaration_is_all_a_new_loss_needs(toy):
+    """LOSSES, the params union, the typed variants, the module's context and the
+    training step's options all follow from the one declaration."""
+    assert "toy" in LOSSES and LOSSES["toy"] is _Toy
+    spec = variant_params(_params({"ce": {"loss": "ce"}, "t": {"loss": "toy", "gamma": 3}}), "t")
+    assert spec == _ToyParams(loss="toy", gamma=3.0, every=5)
+    module = variant_loss(spec, code_to_cluster=CLUSTERS, num_clusters=C, scale_ids=SCALES,
+                          num_scales=2)
+    assert isinstance(module, _Toy) and module.gamma == 3.0 and module.num_scales == 2
+    logits, targets = torch.randn(2, 5, V, dtype=D), torch.randint(0, V, (2, 5))
+    assert torch.allclose(module(logits, targets)[0], 3 * cross_entropy_loss(logits, targets))
+    with pytest.raises(ValueError, match="_ToyParams.loss must be Literal\\['toy2'\\]"):
+        losses.declare(LossDeclaration("toy2", _ToyParams, _Toy))
+    with pytest.raises(ValueError, match="declared twice"):
+        losses.declare(toy)
+
+
+def test_the_toy_is_gone_after_its_test():
+    assert "toy" not in LOSSES and "toy" not in DECLARATIONS
+
+
+def test_a_bad_loss_setting_is_one_line_in_the_params_format(toy):
+    params = _params({"ce": {"loss": "ce"}, "up": {"loss": "up", "kappa": -1},
+                      "ls": {"loss": "ls", "alpha": 0.1}, "t": {"loss": "toy", "gamma": "x"},
+                      "f": {"loss": "focal"}})
+    with pytest.raises(ParamsError) as err:
+        check_variants(params)
+    assert err.value.lines[0] == "params.yaml: variants.up.kappa = -1: Input should be greater than 0"
+    assert err.value.lines[1] == "params.yaml: variants.ls.alpha = 0.1: Extra inputs are not permitted"
+    assert err.value.lines[2].startswith("params.yaml: variants.t.gamma = 'x': Input should be a valid")
+    assert err.value.lines[3].startswith("params.yaml: variants.f.loss = 'focal': Input tag 'focal'")
+    assert "'toy'" in err.value.lines[3] and len(err.value.lines) == 4
+
+
+def test_derived_holds_what_the_declaration_says_needs_the_teacher(toy):
+    ok = _params({"ce": {"loss": "ce"}, "t": {"loss": "toy", "gamma": 2}},
+                 {"t_big": {"loss": "toy", "gamma": 20}, "ts": {"loss": "ts"},
+                  "up_t": {"loss": "up", "reference": "teacher"}})
+    assert list(check_variants(ok)) == ["ce", "t", "t_big", "ts", "up_t"]
+    wrong = _params({"ce": {"loss": "ce"}, "t_big": {"loss": "toy", "gamma": 20},
+                     "ts": {"loss": "ts"}}, {"t": {"loss": "toy", "gamma": 2}})
+    with pytest.raises(ParamsError) as err:
+        check_variants(wrong)
+    assert err.value.lines == [
+        "params.yaml: variants.t_big needs the teacher model: declare it under `derived`",
+        "params.yaml: variants.ts needs the teacher model: declare it under `derived`",
+        "params.yaml: derived.t does not need the teacher model (only those that do belong "
+        "here): declare it under `variants`"]
 
 
 # -- temperature scaling ---------------------------------------------------

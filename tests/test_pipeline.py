@@ -143,14 +143,14 @@ def test_killed_training_resumes_through_dvc_repro(tmp_path):
     run(["dvc", "repro", "tokenize", "reference"], project)
     checkpoint = project / "checkpoints/var-ce-s0.pt"
     _launch_killed_repro(project, "train@ce-0", checkpoint)
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
     assert 0 < killed_at < 40 and not (project / "models/var-ce-s0.pt").exists()
     resumed = run(["dvc", "repro", "train@ce-0"], project)
     assert f"resuming checkpoints/var-ce-s0.pt at step {killed_at}/40" in resumed.stdout
     assert not checkpoint.exists()  # removed once the outputs are written
-    a = torch.load(project / "models/var-ce-s0.pt", weights_only=False)["state_dict"]
+    a = torch.load(project / "models/var-ce-s0.pt", weights_only=True)["state_dict"]
     curve = (project / "plots/train/ce-s0.tsv").read_text()
     run(["dvc", "repro", "-f", "train@ce-0"], project)  # from scratch: no checkpoint left
-    b = torch.load(project / "models/var-ce-s0.pt", weights_only=False)["state_dict"]
+    b = torch.load(project / "models/var-ce-s0.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (project / "plots/train/ce-s0.tsv").read_text() == curve

@@ -1,11 +1,12 @@
-"""The scale-up profiles are valid params files, build the models they promise,
-fit one 80 GB GPU, and state what they need."""
+"""The profiles are complete, valid params files that resolve the pipeline; the
+scale-up ones build the models they promise, fit one 80 GB GPU, and state what they need."""
 
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from bench.profile_estimate import (
@@ -17,6 +18,7 @@ from bench.profile_estimate import (
     tokenizer_step,
     world_size,
 )
+from tests.project import copy_project, run
 from up.core.params import load_params
 from up.models.transformer import VAR
 from up.training.tokenizer import build_tokenizer
@@ -31,6 +33,51 @@ def _load(profile: Path, tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(profile.read_text())
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     return load_params()
+
+
+def _key_paths(params: dict) -> set[str]:
+    """Every key to one level inside each section (data.image_size, variants.up), and the
+    options of each variant (variants.up.kappa): what a complete params file spells out."""
+    paths = set()
+    for key, value in params.items():
+        paths.add(key)
+        for sub, inner in (value.items() if isinstance(value, dict) else ()):
+            paths.add(f"{key}.{sub}")
+            if key in ("variants", "derived") and isinstance(inner, dict):
+                paths.update(f"{key}.{sub}.{option}" for option in inner)
+    return paths
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
+def test_profile_has_every_key_of_params_yaml(profile):
+    """A profile replaces params.yaml whole: a key added to params.yaml (dvc.yaml may name
+    it) must be added to every profile too, with the value that suits it."""
+    default = _key_paths(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    missing = default - _key_paths(yaml.safe_load(profile.read_text()))
+    assert not missing, f"{profile.name} lacks {sorted(missing)} (present in params.yaml)"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """One copy of the project in a temp git repo; each test writes its params.yaml."""
+    return copy_project(tmp_path_factory.mktemp("profiles") / "project")
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
+def test_profile_resolves_the_pipeline(profile, project, monkeypatch):
+    """The profile as params.yaml validates, and `dvc stage list` resolves dvc.yaml with
+    it: ${launcher}, ${teacher} and the matrices over variants, derived and seeds (about
+    2 s each)."""
+    text = profile.read_text()
+    (project / "params.yaml").write_text(text)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    load_params()
+    listed = run(["dvc", "stage", "list", "--name-only"], project).stdout.split()
+    params = yaml.safe_load(text)
+    for stage, group in (("train", "variants"), ("train_derived", "derived")):
+        expected = {f"{stage}@{v}-{s}" for v in params[group] for s in params["seeds"]}
+        assert expected and {n for n in listed if n.startswith(f"{stage}@")} == expected, stage
+    assert {"prepare", "tokenizer", "reference", "report"} <= set(listed)
 
 
 @pytest.mark.parametrize("profile", GPU_PROFILES, ids=[p.stem for p in GPU_PROFILES])

@@ -7,17 +7,21 @@ import pytest
 import torch
 import yaml
 
+from tests.project import params_dict
 from up.core.errors import StageError
 from up.core.io import save_image_grid, save_json
 from up.core.params import load_params
-from up.evaluation.report import (
-    HEADLINE_KEYS,
-    MAIN_COLUMNS,
-    RANKED,
-    SELECTIVE_COLUMNS,
-    SELECTIVE_KEYS,
-    paired_differences,
-)
+from up.evaluation.metrics import headline_keys, main_columns, tables
+from up.evaluation.report import METRICS, paired_differences
+from up.generation.scores import IMAGE_SCORES as RANKED
+
+MAIN_COLUMNS = main_columns(METRICS)
+HEADLINE_KEYS = headline_keys(METRICS)
+SELECTIVE = [m for _, columns in tables(METRICS) for m in columns]
+SELECTIVE_COLUMNS = [m.key for m in SELECTIVE]
+# the selective tables' columns, then their bootstrap bounds
+SELECTIVE_KEYS = SELECTIVE_COLUMNS + [f"{m.key}_{end}" for m in SELECTIVE if m.interval
+                                      for end in ("lo", "hi")]
 
 SCORES = ["entropy", "dispersion", "semantic_entropy", "random"]
 
@@ -34,8 +38,8 @@ def eval_metrics(variant_index: int, seed: int) -> dict:
 
 
 def make_project(root, variants: list[str], seeds: list[int]) -> None:
-    params = {"data": {"source": "digits"}, "seeds": seeds,
-              "variants": {v: {"loss": v} for v in variants}}
+    params = params_dict(data={"source": "digits"}, seeds=seeds,
+                         variants={v: {"loss": v} for v in variants}, derived={})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for i, variant in enumerate(variants):
         for seed in seeds:
@@ -125,7 +129,7 @@ def test_selective_tables_show_mean_and_std_over_seeds(tmp_path, monkeypatch):
     row = next(line for line in text.split("### AURC gain")[1].splitlines()
                if line.startswith("| up |"))
     assert row.split(" | ")[3 + RANKED.index("surprisal_fine")] == cell
-    assert {key for key, _ in SELECTIVE_COLUMNS} <= set(SELECTIVE_KEYS)
+    assert set(SELECTIVE_COLUMNS) <= set(SELECTIVE_KEYS)
 
 
 def test_missing_run_is_named(tmp_path, monkeypatch):

@@ -20,11 +20,20 @@ from torch_fidelity import calculate_metrics
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from stages.sample import grid_rows, save_figures
-from tests.project import CLASSES, PATCH_NUMS, ROOT, V, copy_project, make_project, run
+from tests.project import (
+    CLASSES,
+    PATCH_NUMS,
+    ROOT,
+    V,
+    copy_project,
+    make_project,
+    params_from_yaml,
+    run,
+)
 from up.core.distributed import Dist
 from up.core.errors import StageError
 from up.core.io import load_torch, save_torch
-from up.core.params import SampleParams, load_params
+from up.core.params import load_params
 from up.core.sharding import map_batches
 from up.data.sources import spread_classes
 from up.data.splits import array_writer, save_split_index
@@ -72,7 +81,8 @@ def test_grid_png_of_1000_classes_at_256_px_stays_openable(tmp_path):
     images = torch.full((1, 3, side, side), 200, dtype=torch.uint8).expand(len(labels), -1, -1, -1)
     entropy = torch.ones(1, 16, 16).expand(len(labels), -1, -1)
     uncertainty = {"maps": {"entropy": [entropy]}, "image": {"entropy": torch.ones(len(labels))}}
-    sp = SampleParams(n_per_class=n_per_class, grid_per_class=8, grid_classes=16)
+    sp = params_from_yaml(sample={"n_per_class": n_per_class, "grid_per_class": 8,
+                                  "grid_classes": 16}).sample
     save_figures(images, labels, uncertainty, sp, tmp_path)
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * (side + 2) + 2, 16 * (side + 2) + 2)  # 2 per row, 16 rows

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from tests.project import save_prepared
+from tests.project import params_from_yaml, save_prepared
 from up.core.errors import StageError
 from up.core.io import load_torch, save_torch
-from up.core.params import DataParams, Params, TokenizerParams
+from up.core.params import Params, TokenizerParams
 from up.core.runtime import setup
 from up.data.splits import load_token_arrays
 from up.models.tokenizer import (
@@ -36,10 +36,10 @@ from up.training.tokenizer import (
     train_tokenizer,
 )
 
-TINY = TokenizerParams(downsample=2, widths=[8], latent_channels=4, vocab_size=16,
-                       patch_nums=[1, 2, 4], phi_share=2, semantic_clusters=4, steps=6,
-                       batch_size=8, lr=3e-3, warmup_steps=2, save_every=2, reseed_every=2,
-                       reseed_until=1.0, reseed_threshold=1.5, grid_images=3)
+TINY = params_from_yaml(tokenizer=dict(
+    downsample=2, widths=[8], latent_channels=4, vocab_size=16, patch_nums=[1, 2, 4], phi_share=2,
+    semantic_clusters=4, steps=6, batch_size=8, lr=3e-3, warmup_steps=2, save_every=2,
+    reseed_every=2, reseed_until=1.0, reseed_threshold=1.5, grid_images=3)).tokenizer
 
 
 def tiny_model() -> MultiScaleVQVAE:
@@ -305,8 +305,8 @@ def test_cluster_codebook_groups_identical_codes():
 
 
 def _stage_params() -> Params:
-    return Params(data=DataParams(source="mnist5k", image_size=8), tokenizer=TINY, threads=1,
-                  seed=0)
+    return params_from_yaml(data={"source": "mnist5k", "image_size": 8}, tokenizer=TINY, threads=1,
+                            seed=0)
 
 
 def test_stages_train_tokenize_and_decode(tmp_path, monkeypatch):
@@ -358,8 +358,8 @@ def test_stage_takes_a_given_tokenizer_instead_of_training(tmp_path, monkeypatch
     clusters = torch.arange(16) % 4
     save_torch({"config": given.config, "state_dict": given.state_dict(),
                 "code_to_cluster": clusters, "num_clusters": 4}, tmp_path / "given.pt")
-    params = Params(data=DataParams(source="mnist5k", image_size=8), threads=1, seed=0,
-                    tokenizer=TINY.model_copy(update={"init_from": str(tmp_path / "given.pt")}))
+    params = params_from_yaml(data={"source": "mnist5k", "image_size": 8}, threads=1, seed=0,
+                              tokenizer=TINY.model_copy(update={"init_from": str(tmp_path / "given.pt")}))
     setup(0, 1)
     stages.tokenizer.run(params)
     saved = load_torch(tmp_path / "models/tokenizer.pt")

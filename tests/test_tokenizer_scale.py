@@ -12,12 +12,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.project import save_prepared
+from tests.project import params_from_yaml, save_prepared
 from tests.test_tokenizer import TINY, tiny_images
 from up.core.distributed import Dist, distributed
 from up.core.errors import StageError
 from up.core.io import load_torch, save_torch
-from up.core.params import DataParams, Params
+from up.core.params import Params
 from up.core.runtime import setup
 from up.models.tokenizer import to_float
 from up.training.schedule import StepBatches
@@ -150,18 +150,18 @@ def test_uneven_batch_splits_are_refused(tmp_path, update, world, match):
 
 
 def _stage_params(**tokenizer) -> Params:
-    return Params(data=DataParams(source="mnist5k", image_size=8), seed=0, threads=1,
-                  tokenizer=SCALE.model_copy(update=tokenizer))
+    return params_from_yaml(data={"source": "mnist5k", "image_size": 8}, seed=0, threads=1,
+                            tokenizer=SCALE.model_copy(update=tokenizer))
 
 
 def test_fingerprint_ignores_how_the_run_is_launched(tmp_path, monkeypatch):
     from stages.tokenizer import training_fingerprint
 
-    monkeypatch.chdir(tmp_path)  # no params.yaml: only the values given here
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: only params.yaml's values and these
     base = training_fingerprint(_stage_params())
     launched = _stage_params(bf16=False, micro_batch=4, save_every=5).model_copy(
         update={"launcher": "torchrun --nproc_per_node=8 -m stages.cli", "threads": 7,
-                "device": "cuda", "data": DataParams(source="mnist5k", image_size=8, workers=9)})
+                "device": "cuda", "data": _stage_params().data.model_copy(update={"workers": 9})})
     assert training_fingerprint(launched) == base
     assert training_fingerprint(_stage_params(lr=1e-3)) != base
     assert training_fingerprint(_stage_params(augment="flip")) != base
@@ -186,7 +186,8 @@ def _worker(rank: int, world: int, ports: list[int], root: str) -> None:
     # rank 0's weights, and no draw may come from the global RNG.
     with distributed("cpu") as ctx:
         model, state = _train(SCALE, "fresh.pt", init_seed=3 * rank, ctx=ctx)
-    save_torch({"model": model.state_dict(), "state": state}, f"fresh-{rank}.pt")
+    save_torch({"model": model.state_dict(), "state": {"reseeded": state.reseeded, "usage": state.usage,
+                                                       "curves": state.curves}}, f"fresh-{rank}.pt")
 
     os.environ["MASTER_PORT"] = str(ports[1])
     setup(0, 1)
@@ -219,10 +220,10 @@ def test_two_processes_match_one_and_resume_a_one_process_checkpoint(tmp_path, m
         assert torch.equal(value, ranks[1]["model"][name]), name
     _assert_close(ranks[0]["model"], one.state_dict())
     fresh = ranks[0]["state"]
-    assert fresh.reseeded == one_state.reseeded > 0
-    assert torch.allclose(fresh.usage, one_state.usage, atol=1e-5)  # usage of the global batch
-    assert [r["used"] for r in fresh.curves] == [r["used"] for r in one_state.curves]
-    assert [r["partial_k"] for r in fresh.curves] == [r["partial_k"] for r in one_state.curves]
+    assert fresh["reseeded"] == one_state.reseeded > 0
+    assert torch.allclose(fresh["usage"], one_state.usage, atol=1e-5)  # usage of the global batch
+    assert [r["used"] for r in fresh["curves"]] == [r["used"] for r in one_state.curves]
+    assert [r["partial_k"] for r in fresh["curves"]] == [r["partial_k"] for r in one_state.curves]
 
     resumed = load_torch(tmp_path / "models/tokenizer.pt")["state_dict"]
     _assert_close(resumed, seven.state_dict())

@@ -13,6 +13,8 @@ from tests.project import (
     V,
     crafted_checkpoint,
     make_project,
+    params_dict,
+    params_from_yaml,
     run_paths,
     tiny_params,
     train_tiny,
@@ -20,7 +22,6 @@ from tests.project import (
 from up.core.distributed import Dist
 from up.core.errors import StageError
 from up.core.io import load_torch
-from up.core.params import Params
 from up.core.runtime import setup
 from up.data.tokens import TeacherForcing, training_ids
 from up.models.tokenizer import MultiScaleVQVAE
@@ -36,7 +37,7 @@ from up.training.run import (
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no params.yaml here: Params come from the test alone
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: params come from the test alone
     return make_project(tmp_path)
 
 
@@ -199,9 +200,9 @@ def test_stage_writes_outputs_and_learns(project):
 
     params = tiny_params(train={"steps": 30, "lr": 1e-2, "log_every": 10, "save_every": 10,
                                 "cond_drop": 0.0})
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "params.yaml").write_text(yaml.safe_dump(params_dict(**params)))
     setup(0, 1)
-    run_stage(Params(**params), "ls", 0)
+    run_stage(params_from_yaml(**params), "ls", 0)
     assert not (project / "checkpoints" / "var-ls-s0.pt").exists()  # removed once done
     saved = load_torch(project / "models" / "var-ls-s0.pt")
     assert saved["step"] == 30 and saved["temperatures"] is None
@@ -233,7 +234,7 @@ def test_calibration_slice_is_disjoint_seeded_and_shared(project):
     assert torch.equal(calib_small, calib)  # the slice does not depend on images_per_class
     assert torch.bincount(labels[small]).tolist() == [3] * 5
     # every variant, and every training seed, trains on the same images
-    params = Params(**tiny_params())
+    params = params_from_yaml(**tiny_params())
     ids = {(v, s): build_run(params, v, s, run_paths(project)).fit_ids
            for v in ("ce", "ls", "up") for s in (0, 1)}
     first = ids[("ce", 0)]
@@ -247,11 +248,12 @@ def test_teacher_reference_is_frozen_and_changes_the_gradient(project):
     params = tiny_params(train={"steps": 4})
     (project / "models").mkdir(exist_ok=True)
     setup(0, 1)
-    stages.train.run(Params(**params), "ce", 0)  # writes models/var-ce-s0.pt
+    stages.train.run(params_from_yaml(**params), "ce", 0)  # writes models/var-ce-s0.pt
     teacher_file = project / "models" / "var-ce-s0.pt"
     before = {k: v.clone() for k, v in load_torch(teacher_file)["state_dict"].items()}
 
-    state = build_run(Params(**params), "up_teacher", 0, run_paths(project, teacher=teacher_file))
+    state = build_run(params_from_yaml(**params), "up_teacher", 0,
+                      run_paths(project, teacher=teacher_file))
     teacher = state.reference.model
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not torch.equal(state.reference.temperatures, torch.ones(3))  # fitted once
@@ -276,8 +278,8 @@ def test_ts_variant_scales_the_teacher(project):
 
     params = tiny_params(train={"steps": 4})
     setup(0, 1)
-    stages.train.run(Params(**params), "ce", 0)
-    stages.train.run(Params(**params), "ce+ts", 0)
+    stages.train.run(params_from_yaml(**params), "ce", 0)
+    stages.train.run(params_from_yaml(**params), "ce+ts", 0)
     teacher = load_torch(project / "models" / "var-ce-s0.pt")
     scaled = load_torch(project / "models" / "var-ce+ts-s0.pt")
     for name, value in teacher["state_dict"].items():
@@ -295,14 +297,15 @@ def test_init_from_starts_from_given_weights_and_checks_shapes(project):
     import stages.train
 
     setup(0, 1)
-    stages.train.run(Params(**tiny_params(train={"steps": 2})), "ce", 0)
+    stages.train.run(params_from_yaml(**tiny_params(train={"steps": 2})), "ce", 0)
     given = load_torch(project / "models" / "var-ce-s0.pt")["state_dict"]
-    params = Params(**tiny_params(train={"init_from": str(project / "models" / "var-ce-s0.pt")}))
+    given_file = str(project / "models" / "var-ce-s0.pt")
+    params = params_from_yaml(**tiny_params(train={"init_from": given_file}))
     state = build_run(params, "ls", 0, run_paths(project, "ft.pt"))
     for name, value in state.model.state_dict().items():
         assert torch.equal(value, given[name]), name
-    wider = Params(**tiny_params(train={"init_from": str(project / "models" / "var-ce-s0.pt")},
-                                 transformer={"width": 64}))
+    wider = params_from_yaml(**tiny_params(train={"init_from": given_file},
+                                           transformer={"width": 64}))
     with pytest.raises(StageError, match="width: file 32 vs params 64"):
         build_run(wider, "ls", 0, run_paths(project, "ft2.pt"))
 
@@ -310,7 +313,7 @@ def test_init_from_starts_from_given_weights_and_checks_shapes(project):
 def test_crafted_init_from_is_refused_and_its_payload_never_runs(project):
     marker = project / "payload-ran"
     evil = crafted_checkpoint(project / "evil.pt", marker)
-    params = Params(**tiny_params(train={"init_from": str(evil)}))
+    params = params_from_yaml(**tiny_params(train={"init_from": str(evil)}))
     with pytest.raises(StageError, match="refused") as err:
         build_run(params, "ce", 0, run_paths(project, "ft.pt"))
     assert str(evil) in str(err.value) and "\n" not in str(err.value)

@@ -2,7 +2,11 @@
 
 params.yaml is the single source of every setting that changes a result. It is
 loaded into pydantic-settings models so that a typo or an out-of-range value
-stops a stage before it does any work (and never half-writes an output).
+stops a stage before it does any work (and never half-writes an output). This
+file holds types, ranges and documentation only: every key is required, so
+params.yaml and every profile spell them all, and no value hides here (the loss
+settings' defaults, in up/training/losses.py, equal params.yaml's: both checked
+by tests/test_config.py).
 Environment variables override single keys (``UP_TRAIN__LR=1e-3``); they bypass
 DVC's params tracking, so use them for quick local trials only.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -33,46 +37,46 @@ class Section(BaseModel):
 
 class DataParams(Section):
     source: Literal["mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"]
-    root: str = "data/raw"
-    download: bool = False
-    channels: Literal[1, 3] = 1
-    image_size: int = Field(32, ge=8, le=1024)
-    fit: Literal["pad", "resize"] = "pad"
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    preview_per_class: int = Field(8, ge=1, le=64)
-    preview_classes: int = Field(16, ge=1, le=100)  # preview rows: at most this many classes
-    workers: int = Field(2, ge=1, le=256)  # image decode processes (imagefolder); no effect on outputs
+    root: str
+    download: bool
+    channels: Literal[1, 3]
+    image_size: int = Field(ge=8, le=1024)
+    fit: Literal["pad", "resize"]
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    preview_per_class: int = Field(ge=1, le=64)
+    preview_classes: int = Field(ge=1, le=100)  # preview rows: at most this many classes
+    workers: int = Field(ge=1, le=256)  # image decode processes (imagefolder); no effect on outputs
 
 
 class TokenizerParams(Section):
-    arch: Literal["conv", "var"] = "conv"  # conv: small images; var: VAR's VQ-VAE net
-    init_from: str | None = None  # use this tokenizer checkpoint (e.g. imported) instead of training
-    downsample: Literal[2, 4, 8, 16] = 4
-    widths: list[Annotated[int, Field(ge=4)]] = [16, 32]  # conv: width per stride-2 level
-    base_width: int = Field(128, ge=32, multiple_of=32)  # var: base channels
-    ch_mult: list[Annotated[int, Field(ge=1)]] = [1, 1, 2, 2, 4]  # var: multiplier per level
-    res_blocks: int = Field(1, ge=0, le=8)
-    latent_channels: int = Field(32, ge=1)
-    vocab_size: int = Field(512, ge=2, le=65536)
-    patch_nums: list[Annotated[int, Field(ge=1)]] = [1, 2, 3, 4, 6, 8]
-    phi_share: int = Field(6, ge=1)
-    beta: float = Field(0.25, ge=0)
-    partial_weight: float = Field(1.0, ge=0)
-    reseed_every: int = Field(100, ge=0)
-    reseed_until: float = Field(0.8, ge=0, le=1)
-    reseed_threshold: float = Field(0.03, ge=0)
-    semantic_clusters: int = Field(64, ge=1)
-    steps: int = Field(1700, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(4e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    save_every: int = Field(400, ge=1)
-    grid_images: int = Field(8, ge=1, le=64)
-    augment: Literal["none", "flip", "crop_flip"] = "none"  # random flips / crops of training images
-    micro_batch: int = Field(0, ge=0)  # images per process per forward (0 = its whole share)
-    bf16: bool = True  # autocast on CUDA only
+    arch: Literal["conv", "var"]  # conv: small images; var: VAR's VQ-VAE net
+    init_from: str | None  # use this tokenizer checkpoint (e.g. imported) instead of training
+    downsample: Literal[2, 4, 8, 16]
+    widths: list[Annotated[int, Field(ge=4)]]  # conv: width per stride-2 level
+    base_width: int = Field(ge=32, multiple_of=32)  # var: base channels
+    ch_mult: list[Annotated[int, Field(ge=1)]]  # var: multiplier per level
+    res_blocks: int = Field(ge=0, le=8)
+    latent_channels: int = Field(ge=1)
+    vocab_size: int = Field(ge=2, le=65536)
+    patch_nums: list[Annotated[int, Field(ge=1)]]
+    phi_share: int = Field(ge=1)
+    beta: float = Field(ge=0)
+    partial_weight: float = Field(ge=0)
+    reseed_every: int = Field(ge=0)
+    reseed_until: float = Field(ge=0, le=1)
+    reseed_threshold: float = Field(ge=0)
+    semantic_clusters: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    save_every: int = Field(ge=1)
+    grid_images: int = Field(ge=1, le=64)
+    augment: Literal["none", "flip", "crop_flip"]  # random flips / crops of training images
+    micro_batch: int = Field(ge=0)  # images per process per forward (0 = its whole share)
+    bf16: bool  # autocast on CUDA only
 
     @model_validator(mode="after")
     def _consistent(self) -> TokenizerParams:
@@ -96,13 +100,17 @@ class TokenizerParams(Section):
         return self
 
 
+class TokenizeParams(Section):
+    batch_size: int = Field(ge=1)  # images encoded per forward; the tokens do not depend on it
+
+
 class TransformerParams(Section):
-    depth: int = Field(4, ge=1)
-    width: int = Field(128, ge=8)
-    heads: int = Field(4, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    drop_path: float = Field(0.0, ge=0, lt=1)
-    qk_norm: bool = True
+    depth: int = Field(ge=1)
+    width: int = Field(ge=8)
+    heads: int = Field(ge=1)
+    mlp_ratio: float = Field(gt=0)
+    drop_path: float = Field(ge=0, lt=1)
+    qk_norm: bool
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransformerParams:
@@ -112,100 +120,76 @@ class TransformerParams(Section):
 
 
 class TrainParams(Section):
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    warmup_steps: int = Field(30, ge=0)
-    schedule: Literal["cosine", "linear"] = "cosine"
-    min_lr_ratio: float = Field(0.01, ge=0, le=1)
-    grad_clip: float = Field(2.0, ge=0)
-    cond_drop: float = Field(0.1, ge=0, lt=1)
-    ema: float = Field(0.0, ge=0, lt=1)
-    token_weighting: Literal["uniform", "per_scale"] = "uniform"
-    save_every: int = Field(100, ge=1)
-    log_every: int = Field(20, ge=1)
-    bf16: bool = True
-    compile: bool = False
-    calib_fraction: float = Field(0.05, ge=0, lt=0.5)  # held out of every variant's training
-    images_per_class: int = Field(0, ge=0)  # train on the first n of each class (0 = all)
-    init_from: str | None = None  # start every variant from this models/var-*.pt (fine-tuning)
-    calib_tokens: int = Field(200_000, ge=0)  # temperature fits: seeded token sample per scale (0 = all)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    warmup_steps: int = Field(ge=0)
+    schedule: Literal["cosine", "linear"]
+    min_lr_ratio: float = Field(ge=0, le=1)
+    grad_clip: float = Field(ge=0)
+    cond_drop: float = Field(ge=0, lt=1)
+    ema: float = Field(ge=0, lt=1)
+    token_weighting: Literal["uniform", "per_scale"]
+    save_every: int = Field(ge=1)
+    log_every: int = Field(ge=1)
+    bf16: bool
+    compile: bool
+    calib_fraction: float = Field(ge=0, lt=0.5)  # held out of every variant's training
+    images_per_class: int = Field(ge=0)  # train on the first n of each class (0 = all)
+    init_from: str | None  # start every variant from this models/var-*.pt (fine-tuning)
+    calib_tokens: int = Field(ge=0)  # temperature fits: seeded token sample per scale (0 = all)
 
 
-class CEVariant(Section):
-    loss: Literal["ce"]
+class Variant(BaseModel):
+    """A variant as params.yaml writes it: `loss` names a loss declared in
+    up/training/losses.py, the other keys are that loss's settings, kept as written.
+    The params know no loss (core is the lowest wing): the loss's declaration types
+    and checks them (``up.training.losses.variant_params``, which every training run
+    calls before its work); read them typed from there, or raw with :meth:`option`."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-class LSVariant(Section):
-    loss: Literal["ls"]
-    epsilon: float = Field(0.1, gt=0, lt=1)
+    loss: str = Field(min_length=1)
 
-
-class LRVariant(Section):
-    loss: Literal["lr"]
-    alpha: float = Field(0.1, gt=0, lt=1)
-
-
-class UPVariant(Section):
-    loss: Literal["up"]
-    kappa: float = Field(1.0, gt=0)
-    lambda_disp: float = Field(0.5, ge=0)
-    lambda_se: float = Field(0.1, ge=0)
-    penalty: Literal["w2", "variance"] = "w2"
-    reference: Literal["calibrated", "smoothed", "teacher", "empirical"] = "calibrated"
-    smoothing: float = Field(0.1, gt=0, lt=1)
-    semantic: Literal["match", "nll"] = "match"
-    calib_every: int = Field(50, ge=1)
-    fused: bool = True  # the fused kernel; false: the plain composition (same values)
-
-
-class TSVariant(Section):
-    """Post-hoc temperature scaling of the teacher model: no training."""
-
-    loss: Literal["ts"]
-
-
-Variant = Annotated[CEVariant | LSVariant | LRVariant | UPVariant | TSVariant,
-                    Field(discriminator="loss")]
-LOSS_TAGS = ("ce", "ls", "lr", "up", "ts")
+    def option(self, key: str, default: Any = None) -> Any:
+        """A loss setting as written in params.yaml (unchecked here), else ``default``."""
+        return (self.model_extra or {}).get(key, default)
 
 
 class ReferenceParams(Section):
     """The empirical reference: candidate contexts and Dirichlet prior masses a_0,
     the pair with the lowest held-out NLL is used."""
 
-    contexts: list[Literal["scale", "parent", "scale_class", "parent_class"]] = \
-        ["parent", "parent_class"]
-    priors: list[Annotated[float, Field(gt=0)]] = [1.0, 10.0, 100.0]
+    contexts: list[Literal["scale", "parent", "scale_class", "parent_class"]]
+    priors: list[Annotated[float, Field(gt=0)]]
 
 
 class SampleParams(Section):
-    n_per_class: int = Field(100, ge=1)
-    batch_size: int = Field(100, ge=1)
-    guidance: float = Field(2.0, ge=0)
-    guidance_schedule: Literal["linear", "constant"] = "linear"
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    unconditional: bool = False
-    save_pngs: bool = False
-    grid_per_class: int = Field(8, ge=1, le=64)
-    grid_classes: int = Field(16, ge=1, le=100)  # grid rows: at most this many classes
+    n_per_class: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    guidance: float = Field(ge=0)
+    guidance_schedule: Literal["linear", "constant"]
+    top_k: int = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    temperature: float = Field(gt=0)
+    unconditional: bool
+    save_pngs: bool
+    grid_per_class: int = Field(ge=1, le=64)
+    grid_classes: int = Field(ge=1, le=100)  # grid rows: at most this many classes
 
 
 class SweepParams(Section):
     """The guidance sweep (sweep@ stages) and the matched quality of the frontier stage."""
 
-    guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0],
-                                                          min_length=2)
-    n_per_class: int = Field(30, ge=1)
+    guidance: list[Annotated[float, Field(ge=0)]] = Field(min_length=2)
+    n_per_class: int = Field(ge=1)
     # the quality level recall / diversity are read at; null = the midpoint of the range
     # every run's curve reaches (see up/evaluation/frontier.py)
-    match_precision: float | None = Field(None, gt=0, le=1)
-    match_class_accuracy: float | None = Field(None, gt=0, le=1)
+    match_precision: float | None = Field(gt=0, le=1)
+    match_class_accuracy: float | None = Field(gt=0, le=1)
 
     @model_validator(mode="after")
     def _distinct(self) -> SweepParams:
@@ -215,27 +199,31 @@ class SweepParams(Section):
 
 
 class EvaluatorParams(Section):
-    widths: list[Annotated[int, Field(ge=4)]] = [32, 64]
-    feature_dim: int = Field(128, ge=2)
-    feature_scale: float = Field(0.4, gt=0)
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    widths: list[Annotated[int, Field(ge=4)]]
+    feature_dim: int = Field(ge=2)
+    feature_scale: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)  # linear warm-up, at most steps // 10, then cosine decay
+    eval_batch_size: int = Field(ge=1)  # images per forward: feature scale and accuracies
 
 
 class EvaluateParams(Section):
-    feature_extractor: Literal["evaluator", "inception-v3-compat"] = "evaluator"
-    inception_weights: str | None = None
-    reference_stats: str | None = None  # .npz with mu, sigma of the real images (published FID)
-    kid_subset_size: int = Field(200, ge=2)
-    kid_subsets: int = Field(50, ge=1)
-    pr_neighborhood: int = Field(3, ge=1)
-    ece_bins: int = Field(15, ge=2)
-    selective_fractions: list[Annotated[float, Field(gt=0, le=1)]] = [1.0, 0.9, 0.75, 0.5]
-    random_repeats: int = Field(5, ge=1)
-    fine_scales: int = Field(2, ge=1)  # image score "<measure>_fine": mean over the finest scales
-    realism_threshold: float = Field(1.0, gt=0)  # failed sample: realism below it (or misclassified)
-    bootstrap: int = Field(1000, ge=1)  # stratified bootstrap draws for the 95 % intervals
+    feature_extractor: Literal["evaluator", "inception-v3-compat"]
+    inception_weights: str | None
+    reference_stats: str | None  # .npz with mu, sigma of the real images (published FID)
+    kid_subset_size: int = Field(ge=2)
+    kid_subsets: int = Field(ge=1)
+    is_splits: int = Field(ge=1)  # Inception Score splits, clamped to the number of samples
+    feature_batch_size: int = Field(ge=1)  # images per pass of the evaluator and the FID network
+    pr_neighborhood: int = Field(ge=1)
+    ece_bins: int = Field(ge=2)
+    selective_fractions: list[Annotated[float, Field(gt=0, le=1)]]
+    random_repeats: int = Field(ge=1)
+    fine_scales: int = Field(ge=1)  # image score "<measure>_fine": mean over the finest scales
+    realism_threshold: float = Field(gt=0)  # failed sample: realism below it (or misclassified)
+    bootstrap: int = Field(ge=1)  # stratified bootstrap draws for the 95 % intervals
 
 
 class Params(BaseSettings):
@@ -248,23 +236,24 @@ class Params(BaseSettings):
         env_nested_delimiter="__",
     )
 
-    seed: int = Field(0, ge=0)
-    launcher: str = Field("up", min_length=1)  # runs tokenizer/train/sample/evaluate: up | torchrun ...
-    threads: int = Field(2, ge=1, le=512)
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    seed: int = Field(ge=0)
+    launcher: str = Field(min_length=1)  # runs tokenizer/train/sample/evaluate: up | torchrun ...
+    threads: int = Field(ge=1, le=512)
+    device: Literal["auto", "cpu", "cuda"]
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     data: DataParams
-    tokenizer: TokenizerParams = TokenizerParams()
-    transformer: TransformerParams = TransformerParams()
-    train: TrainParams = TrainParams()
-    variants: dict[str, Variant] = Field(default_factory=lambda: {"ce": CEVariant(loss="ce")})
-    teacher: str = "ce"
-    derived: dict[str, Variant] = Field(default_factory=dict)
-    reference: ReferenceParams = ReferenceParams()
-    sample: SampleParams = SampleParams()
-    sweep: SweepParams = SweepParams()
-    evaluator: EvaluatorParams = EvaluatorParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    tokenizer: TokenizerParams
+    tokenize: TokenizeParams
+    transformer: TransformerParams
+    train: TrainParams
+    variants: dict[str, Variant]
+    teacher: str
+    derived: dict[str, Variant]
+    reference: ReferenceParams
+    sample: SampleParams
+    sweep: SweepParams
+    evaluator: EvaluatorParams
+    evaluate: EvaluateParams
 
     @classmethod
     def settings_customise_sources(
@@ -282,15 +271,9 @@ class Params(BaseSettings):
     def _variant_groups(self) -> Params:
         """`variants` train from the data; `derived` are built from the `teacher`
         model (post-hoc temperature scaling, or training against it), so DVC can
-        order them after it."""
-        for name, v in self.variants.items():
-            if v.loss == "ts" or getattr(v, "reference", None) == "teacher":
-                raise ValueError(f"variants.{name} needs the teacher model: declare it under "
-                                 "`derived`")
-        for name, v in self.derived.items():
-            if not (v.loss == "ts" or getattr(v, "reference", None) == "teacher"):
-                raise ValueError(f"derived.{name}: only loss ts or reference teacher belong "
-                                 "here; declare it under `variants`")
+        order them after it. Which variant needs the teacher is its loss's to say
+        (``needs_teacher`` of its declaration, checked by
+        ``up.training.losses.check_variants``)."""
         if self.derived and self.teacher not in self.variants:
             raise ValueError(f"teacher={self.teacher!r} is not one of variants "
                              f"{sorted(self.variants)}")
@@ -300,11 +283,12 @@ class Params(BaseSettings):
         return self
 
     @property
-    def runs(self) -> dict[str, CEVariant | LSVariant | LRVariant | UPVariant | TSVariant]:
+    def runs(self) -> dict[str, Variant]:
         """Every evaluated variant: the trained ones, then the derived ones."""
         return {**self.variants, **self.derived}
 
-    def variant(self, name: str) -> CEVariant | LSVariant | LRVariant | UPVariant | TSVariant:
+    def variant(self, name: str) -> Variant:
+        """The untyped section of a declared variant (typed: up.training.losses.variant_params)."""
         if name not in self.runs:
             raise ParamsError([f"variant {name!r} is not declared; declared: {sorted(self.runs)}"])
         return self.runs[name]
@@ -327,10 +311,9 @@ def params_path() -> Path:
     return project_root() / PARAMS_FILE
 
 
-def _describe(error: dict) -> str:
+def describe_error(error: dict) -> str:
+    """One pydantic error as the line a stage prints: ``params.yaml: key = value: why``."""
     loc = list(error["loc"])
-    if len(loc) >= 3 and loc[0] in ("variants", "derived") and loc[2] in LOSS_TAGS:
-        del loc[2]  # pydantic repeats the discriminator tag; users never wrote it
     key = ".".join(str(part) for part in loc) or "<root>"
     given = "missing" if error["type"] == "missing" else repr(error.get("input"))
     return f"{PARAMS_FILE}: {key} = {given}: {error['msg']}"
@@ -347,4 +330,4 @@ def load_params() -> Params:
     try:
         return Params()
     except ValidationError as exc:
-        raise ParamsError([_describe(err) for err in exc.errors()]) from None
+        raise ParamsError([describe_error(err) for err in exc.errors()]) from None

@@ -11,6 +11,7 @@ TOKENIZER = Path("models/tokenizer.pt")
 EVALUATOR = Path("models/evaluator.pt")
 REFERENCE = Path("models/reference.pt")
 CHECKPOINTS = Path("checkpoints")
+RESULTS = Path("results")
 
 
 def run_tag(variant: str, seed: int) -> str:
@@ -26,9 +27,10 @@ def samples(variant: str, seed: int) -> Path:
     return Path("samples") / run_tag(variant, seed)
 
 
-def split(kind: Path, name: str) -> Path:
-    """One split (train | val | test) of the prepared images or of the token cache."""
-    return kind / f"{name}.pt"
+def split(kind: str | Path, name: str) -> Path:
+    """One split (train | val | test) of the prepared images (its row numbers) or of the
+    token cache (its token rows): ``data/prepared/train.npy``, ``data/tokens/val.npy``."""
+    return Path(kind) / f"{name}.npy"
 
 
 def metrics(name: str) -> Path:
@@ -43,3 +45,100 @@ def sweep(variant: str, seed: int) -> Path:
 
 def eval_plots(variant: str, seed: int) -> Path:
     return Path("plots/eval") / run_tag(variant, seed)
+
+
+# results/ (report, frontier): the tables, their data, the headline figures that
+# `dvc exp show` lists (metrics.json) and the figures
+SUMMARY_MD = RESULTS / "summary.md"
+SUMMARY_JSON = RESULTS / "summary.json"
+HEADLINE_JSON = RESULTS / "metrics.json"
+SAMPLES_FIGURE = RESULTS / "samples.png"
+RELIABILITY_FIGURE = RESULTS / "reliability.png"
+RISK_COVERAGE_FIGURE = RESULTS / "selective.png"
+FRONTIER_MD = RESULTS / "frontier.md"
+FRONTIER_JSON = RESULTS / "frontier.json"
+FRONTIER_FIGURE = RESULTS / "frontier.png"
+
+
+# -- the files inside the folders above, and the stages' other files ----------------
+
+TOKENIZER_CHECKPOINT = CHECKPOINTS / "tokenizer.pt"  # the tokenizer stage's resumable state
+RECORD = "params.json"  # in data/prepared and samples/<run>: the settings its files came from
+
+# data/prepared (prepare): every decoded image, their labels and class names, the files
+# that could not be decoded, and per split its row numbers (``split``)
+IMAGES = "images.npy"
+LABELS = "labels.npy"
+CLASSES = "classes.json"
+SKIPPED = "skipped.json"
+PREPARE_PREVIEW = Path("plots/prepare/preview.png")
+
+# data/tokens (tokenize): per split its token rows (``split``) and labels, and the classes
+# and scales of the cache
+TOKEN_META = "meta.json"
+
+# the tokenizer stage's curves and reconstruction grid
+TOKENIZER_CURVES = Path("plots/tokenizer/curves.tsv")
+TOKENIZER_GRID = Path("plots/tokenizer/grid.png")
+
+# samples/<run> (sample@): the images and their uncertainty (written last), the class grid,
+# the entropy figure, and on request one PNG per image under png/
+SAMPLES_FILE = "samples.pt"
+GRID = "grid.png"
+UNCERTAINTY_MAP = "uncertainty_map.png"
+SAMPLE_PNGS = "png"
+
+# plots/eval/<run> (evaluate@): data as JSON, figures as PNG
+RELIABILITY_JSON = "reliability.json"
+SELECTIVE_JSON = "selective.json"
+RISK_COVERAGE_JSON = "risk_coverage.json"
+SELECTIVE_STATS_JSON = "selective_stats.json"
+SCORE_CORRELATION_JSON = "score_correlation.json"
+PER_SAMPLE_JSON = "per_sample.json"
+RELIABILITY_PNG = "reliability.png"
+SELECTIVE_PNG = "selective.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
+SCORE_CORRELATION_PNG = "score_correlation.png"
+
+GENERATED = Path("generated.png")  # `up generate`'s grid unless --out says otherwise
+EXPORTED = Path("exported")  # `up export-var`'s VAR-format state dicts
+
+
+def token_labels(root: str | Path, name: str) -> Path:
+    """The labels of one token cache split: ``data/tokens/train-labels.npy``."""
+    return Path(root) / f"{name}-labels.npy"
+
+
+def checkpoint(variant: str, seed: int) -> Path:
+    """checkpoints/var-{variant}-s{seed}.pt: train@'s resumable state (outside DVC's outputs)."""
+    return CHECKPOINTS / f"var-{run_tag(variant, seed)}.pt"
+
+
+def resolved_params(model_file: str | Path) -> Path:
+    """The settings a model was made with, next to it: ``models/var-ce-s0.params.json``."""
+    return Path(model_file).with_suffix(".params.json")
+
+
+def train_curves(variant: str, seed: int) -> Path:
+    """plots/train/{variant}-s{seed}.tsv: train@'s loss and learning-rate curves."""
+    return Path("plots/train") / f"{run_tag(variant, seed)}.tsv"
+
+
+def sample_png(index: int, label: int) -> str:
+    """One image's PNG under samples/<run>/png/: ``00042_c3.png``."""
+    return f"{index:05d}_c{label}.png"
+
+
+def imported_var(depth: int) -> Path:
+    """Where `up import-var` writes VAR's transformer unless --var-out says otherwise."""
+    return Path("models") / f"var-d{depth}-imported.pt"
+
+
+def exported_vae(base_width: int, vocab_size: int, latent_channels: int) -> Path:
+    """VAR's own file name for a VQ-VAE of these sizes: ``exported/vae_ch160v4096z32.pth``."""
+    return EXPORTED / f"vae_ch{base_width}v{vocab_size}z{latent_channels}.pth"
+
+
+def exported_var(depth: int) -> Path:
+    """VAR's own file name for a transformer of this depth: ``exported/var_d16.pth``."""
+    return EXPORTED / f"var_d{depth}.pth"

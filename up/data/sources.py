@@ -174,7 +174,8 @@ def _numbered(results: Iterator[list[DecodeResult]]
             number += 1
 
 
-def load_source(source: str, root: str | Path = "data/raw", download: bool = False) -> RawData:
+def load_source(source: str, root: str | Path, download: bool) -> RawData:
+    """The items of ``data.source`` (``root``: the torchvision cache or the image folder)."""
     if source == "mnist5k":
         return load_mnist5k()
     if source == "digits":

@@ -11,7 +11,7 @@ image in source order (a row of an unreadable file stays zero and is in no
 split), ``labels.npy`` (N,) their classes, ``<split>.npy`` the sorted row
 numbers of each split, ``classes.json`` the class names. ``data/tokens``:
 ``<split>.npy`` (n, L) code indices, ``<split>-labels.npy`` (n,) and
-``meta.json`` (classes, patch_nums).
+``meta.json`` (classes, patch_nums). The names come from up/core/paths.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from up.core import paths
 from up.core.errors import StageError
 from up.core.io import atomic_path, save_json
 
@@ -173,10 +174,10 @@ def _load_npy(path: Path, what: str, stage: str) -> np.ndarray:
 def load_image_split(root: str | Path, name: str) -> ImageSplit:
     """One split of the prepared images (``data/prepared``), memory-mapped."""
     root = Path(root)
-    rows = _load_npy(root / f"{name}.npy", f"prepared {name} split", "prepare")
-    labels = torch.from_numpy(_load_npy(root / "labels.npy", "prepared labels", "prepare")[rows])
-    classes = _read_json(root / "classes.json", "prepared class list", "prepare")
-    return ImageSplit(DiskArray(root / "images.npy", "prepare").subset(rows), labels, classes)
+    rows = _load_npy(paths.split(root, name), f"prepared {name} split", "prepare")
+    labels = torch.from_numpy(_load_npy(root / paths.LABELS, "prepared labels", "prepare")[rows])
+    classes = _read_json(root / paths.CLASSES, "prepared class list", "prepare")
+    return ImageSplit(DiskArray(root / paths.IMAGES, "prepare").subset(rows), labels, classes)
 
 
 def save_split_index(root: str | Path, splits: dict[str, np.ndarray], labels: np.ndarray,
@@ -184,9 +185,9 @@ def save_split_index(root: str | Path, splits: dict[str, np.ndarray], labels: np
     """Everything of ``data/prepared`` but ``images.npy`` (written by an ArrayWriter)."""
     root = Path(root)
     for name, rows in splits.items():
-        _save_npy(root / f"{name}.npy", np.asarray(rows, dtype=np.int64))
-    _save_npy(root / "labels.npy", np.asarray(labels, dtype=np.int64))
-    save_json(classes, root / "classes.json")
+        _save_npy(paths.split(root, name), np.asarray(rows, dtype=np.int64))
+    _save_npy(root / paths.LABELS, np.asarray(labels, dtype=np.int64))
+    save_json(classes, root / paths.CLASSES)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -199,15 +200,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def save_token_meta(root: str | Path, classes: list[str], patch_nums: list[int]) -> None:
-    save_json({"classes": classes, "patch_nums": list(patch_nums)}, Path(root) / "meta.json")
+    save_json({"classes": classes, "patch_nums": list(patch_nums)}, Path(root) / paths.TOKEN_META)
 
 
 def save_token_labels(root: str | Path, name: str, labels: torch.Tensor) -> None:
-    _save_npy(Path(root) / f"{name}-labels.npy", labels.numpy().astype(np.int64))
+    _save_npy(paths.token_labels(root, name), labels.numpy().astype(np.int64))
 
 
 def token_path(root: str | Path, name: str) -> Path:
-    return Path(root) / f"{name}.npy"
+    return paths.split(root, name)
 
 
 @dataclass
@@ -233,8 +234,8 @@ def load_token_arrays(root: str | Path, name: str) -> TokenArrays:
         indices = torch.from_numpy(np.load(path, mmap_mode="c"))
     except (ValueError, OSError) as exc:
         raise _corrupt(path, "token cache", "tokenize", exc) from None
-    labels = torch.from_numpy(_load_npy(root / f"{name}-labels.npy", "token labels", "tokenize"))
-    meta = _read_json(root / "meta.json", "token cache description", "tokenize")
+    labels = torch.from_numpy(_load_npy(paths.token_labels(root, name), "token labels", "tokenize"))
+    meta = _read_json(root / paths.TOKEN_META, "token cache description", "tokenize")
     if len(labels) != len(indices):
         raise StageError(f"{path} has {len(indices)} rows but {len(labels)} labels; rerun the "
                          "tokenize stage")

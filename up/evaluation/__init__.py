@@ -1,2 +1,2 @@
-"""Judging images and runs: fidelity metrics, calibration, selective generation, the
-evaluator network, frontiers, the report and its figures."""
+"""Judging images and runs: fidelity, calibration, selective generation (each declares
+its metrics: metrics.py), the evaluator network, frontiers, the report."""

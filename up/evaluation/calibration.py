@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from up.evaluation.metrics import Metric
+
+# Token accuracy has no arrow: a sharper, worse-calibrated model can gain it.
+METRICS = (
+    Metric("ece", "ECE", "lower", main=True, paired=True, headline=True),
+    Metric("nll", "NLL", "lower", main=True, paired=True),
+    Metric("brier", "Brier", "lower", main=True),
+    Metric("token_accuracy", "token acc", main=True),
+)
+# The library's bin count when none is given; the pipeline passes evaluate.ece_bins.
+N_BINS = 15
+
 
 def _bin_index(confidences: torch.Tensor, n_bins: int) -> torch.Tensor:
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64,
@@ -44,13 +56,13 @@ def _bins(sums: torch.Tensor) -> list[dict[str, float]]:
 
 
 def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
-                               n_bins: int = 15) -> float:
+                               n_bins: int = N_BINS) -> float:
     """sum_b (n_b / N) |accuracy_b - confidence_b| over equal-width bins."""
     return _ece(_bin_sums(confidences, correct, n_bins))
 
 
 def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor,
-                     n_bins: int = 15) -> list[dict[str, float]]:
+                     n_bins: int = N_BINS) -> list[dict[str, float]]:
     """One row per bin: lower, upper, count, accuracy, confidence (a reliability
     diagram). Empty bins have count 0 and accuracy = confidence = 0: skip them
     when plotting."""
@@ -64,7 +76,7 @@ class CalibrationMeter:
     sum_k (p_k - onehot(y)_k)^2 (range [0, 2]); accuracy is top-1.
     """
 
-    def __init__(self, n_bins: int = 15, chunk: int = 8192):
+    def __init__(self, n_bins: int = N_BINS, chunk: int = 8192):
         self.n_bins, self.chunk = n_bins, chunk
         self.sums = torch.zeros(3, n_bins, dtype=torch.float64)
         self.nll = self.brier = 0.0
@@ -96,12 +108,18 @@ class CalibrationMeter:
                     brier=self.brier / self.count,
                     accuracy=float(self.sums[2].sum()) / self.count)
 
+    def figures(self) -> dict[str, float]:
+        """The declared METRICS, keyed as in metrics/eval-*.json."""
+        calib = self.compute()
+        return {"ece": calib["ece"], "nll": calib["nll"], "brier": calib["brier"],
+                "token_accuracy": calib["accuracy"]}
+
     def bins(self) -> list[dict[str, float]]:
         return _bins(self.sums)
 
 
 def token_calibration(logits: torch.Tensor, targets: torch.Tensor,
-                      n_bins: int = 15) -> dict[str, float]:
+                      n_bins: int = N_BINS) -> dict[str, float]:
     """ECE, NLL, Brier score and accuracy of logits (..., V) for targets (...)."""
     meter = CalibrationMeter(n_bins)
     meter.update(logits, targets)

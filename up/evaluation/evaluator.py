@@ -58,20 +58,20 @@ def _batch_outputs(model: Evaluator, images: torch.Tensor, batch_size: int,
         yield f.float().cpu(), z.float().cpu()
 
 
-def evaluator_outputs(model: Evaluator, images: torch.Tensor, batch_size: int = 256,
+def evaluator_outputs(model: Evaluator, images: torch.Tensor, batch_size: int,
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of a uint8 image set, computed in batches, returned on the CPU."""
     features, logits = zip(*_batch_outputs(model, images, batch_size, device), strict=True)
     return torch.cat(features), torch.cat(logits)
 
 
-def feature_multiplier(model: Evaluator, images: torch.Tensor, target_rms: float,
+def feature_multiplier(model: Evaluator, images: torch.Tensor, target_rms: float, batch_size: int,
                        device: torch.device | str = "cpu") -> float:
     """The constant that gives the features of ``images`` an RMS entry of ``target_rms``."""
     saved, model.feature_multiplier = model.feature_multiplier, 1.0
     squares, count = 0.0, 0
     try:
-        for raw, _ in _batch_outputs(model, images, 256, device):
+        for raw, _ in _batch_outputs(model, images, batch_size, device):
             squares += float(raw.double().square().sum())
             count += raw.numel()
     finally:
@@ -85,9 +85,12 @@ def feature_multiplier(model: Evaluator, images: torch.Tensor, target_rms: float
 
 def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                     widths: list[int], feature_dim: int, feature_scale: float, steps: int,
-                    batch_size: int, lr: float, seed: int, device: torch.device | str = "cpu",
+                    batch_size: int, lr: float, warmup_steps: int, eval_batch_size: int,
+                    seed: int, device: torch.device | str = "cpu",
                     show_progress: bool = True) -> Evaluator:
-    """Train on uint8 ``images`` with AdamW and a cosine schedule; set the feature multiplier.
+    """Train on uint8 ``images`` with AdamW and a cosine schedule (a linear warm-up of
+    ``warmup_steps``, at most a tenth of the steps); set the feature multiplier on
+    batches of ``eval_batch_size``.
 
     The batch of step s is a pure function of (seed, s) (StepBatches), so the
     result depends only on the arguments and the thread count.
@@ -103,7 +106,7 @@ def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = StepBatches(len(images), min(batch_size, len(images)), seed)
-    warmup = min(50, steps // 10)
+    warmup = min(warmup_steps, steps // 10)
     loop = StepLoop("evaluator", steps, show=show_progress)
     for step in loop:
         set_lr(optimizer, lr * lr_factor(step, steps, warmup, "cosine"))
@@ -118,14 +121,15 @@ def train_evaluator(images: torch.Tensor, labels: torch.Tensor, num_classes: int
         optimizer.step()
         loop.info = f"loss {loss.item():.3f}"
     model.eval()
-    model.feature_multiplier = feature_multiplier(model, images, feature_scale, device)
+    model.feature_multiplier = feature_multiplier(model, images, feature_scale, eval_batch_size,
+                                                  device)
     return model
 
 
-def accuracy(model: Evaluator, images: torch.Tensor, labels: torch.Tensor,
+def accuracy(model: Evaluator, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
              device: torch.device | str = "cpu") -> float:
     hits, start = 0, 0
-    for _, logits in _batch_outputs(model, images, 256, device):
+    for _, logits in _batch_outputs(model, images, batch_size, device):
         hits += int((logits.argmax(1) == labels[start:start + len(logits)]).sum())
         start += len(logits)
     return hits / len(labels)

@@ -1,7 +1,7 @@
 """Quality metrics through torch-fidelity: FID, KID, IS, precision and recall.
 
 Two feature networks: the project's evaluator (offline, registered as a
-torch-fidelity feature extractor) and torch-fidelity's own
+torch-fidelity feature extractor: up/evaluation/extractor.py) and torch-fidelity's own
 ``inception-v3-compat`` (the standard for natural RGB images; weights from a
 local path or downloaded). Settings that torch-fidelity would otherwise pick
 silently are fixed here: the extractor is always named (precision/recall
@@ -14,6 +14,9 @@ and the metrics from the features, with torch-fidelity's own functions: image
 sets are read through ``images[ids]`` (memory-mapped splits) and torchrun
 ranks share the batches (``image_features``). FID is also available against
 published statistics of a reference batch (``load_reference_stats``).
+
+torch-fidelity is imported inside the functions that run it: the report reads this
+module's metric declarations (METRICS) without loading it.
 """
 
 from __future__ import annotations
@@ -27,57 +30,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.helpers import vassert
-from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-from torch_fidelity.utils import create_feature_extractor
 
 from up.core.distributed import Dist
 from up.core.errors import StageError
 from up.core.sharding import cat_dicts, map_batches
 from up.evaluation.evaluator import evaluator_config, evaluator_outputs, load_evaluator
+from up.evaluation.metrics import Metric
 
-EVALUATOR_EXTRACTOR = "up-evaluator"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 
-
-class EvaluatorFeatureExtractor(FeatureExtractorBase):
-    """The project's evaluator as a torch-fidelity extractor: 'features' (FID, KID,
-    precision/recall) and 'logits' (IS: torch-fidelity applies the softmax itself)."""
-
-    def __init__(self, name: str, features_list: list[str],
-                 feature_extractor_weights_path: str | None = None, **kwargs: Any):
-        super().__init__(name, features_list)
-        vassert(feature_extractor_weights_path is not None,
-                f"{name} needs feature_extractor_weights_path (a models/evaluator.pt file)")
-        self.net = load_evaluator(feature_extractor_weights_path)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        vassert(x.dtype == torch.uint8 and x.dim() == 4, "expecting uint8 images (B, C, H, W)")
-        features, logits = self.net(x)
-        out = {"features": features, "logits": logits}
-        return tuple(out[name] for name in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return "features", "logits"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-
-def register_evaluator() -> None:
-    """Register the evaluator extractor once per process (a second registration raises)."""
-    if EVALUATOR_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(EVALUATOR_EXTRACTOR, EvaluatorFeatureExtractor)
+# FID, KID, IS, precision and recall: quality_from_features and SubsetQuality; the spreads
+# of KID over subsets and of IS over splits are kept in results/summary.json only.
+METRICS = (
+    Metric("fid", "FID", "lower", main=True, paired=True, headline=True, curve=True),
+    Metric("kid_mean", "KID", "lower", main=True, headline=True),
+    Metric("is_mean", "IS", "higher", main=True, headline=True),
+    Metric("precision", "precision", "higher", main=True, paired=True, headline=True, curve=True),
+    Metric("recall", "recall", "higher", main=True, paired=True, headline=True, curve=True),
+    Metric("kid_std", "KID std", summary=True),
+    Metric("is_std", "IS std", summary=True),
+)
 
 
 @dataclass(frozen=True)
@@ -91,11 +63,14 @@ class FidelityConfig:
     batch_size: int = 256
     kid_subset_size: int = 200
     kid_subsets: int = 50
+    is_splits: int = 10
     pr_neighborhood: int = 3
     seed: int = 0
 
     @property
     def extractor_name(self) -> str:
+        from up.evaluation.extractor import EVALUATOR_EXTRACTOR
+
         if self.extractor == "evaluator":
             return EVALUATOR_EXTRACTOR
         if self.extractor == INCEPTION_EXTRACTOR:
@@ -114,6 +89,8 @@ class FidelityConfig:
         if self.extractor == "evaluator":
             if self.weights_path is None:
                 raise ValueError("the evaluator extractor needs weights_path (models/evaluator.pt)")
+            from up.evaluation.extractor import register_evaluator
+
             register_evaluator()
         if self.weights_path is not None and not Path(self.weights_path).is_file():
             raise FileNotFoundError(f"{self.extractor} weights not found: {self.weights_path}")
@@ -128,7 +105,7 @@ class FidelityConfig:
             batch_size=self.batch_size,
             kid_subset_size=min(self.kid_subset_size, n_gen, n_real),
             kid_subsets=self.kid_subsets,
-            isc_splits=min(10, n_gen),
+            isc_splits=min(self.is_splits, n_gen),
             prc_neighborhood=self.pr_neighborhood,
             rng_seed=self.seed,
             cache=False,
@@ -143,6 +120,8 @@ class FidelityFeatures:
     repeated to RGB, the only input it takes."""
 
     def __init__(self, config: FidelityConfig):
+        from torch_fidelity.utils import create_feature_extractor
+
         self.config = config
         kwargs = config.extractor_kwargs()
         self.net = create_feature_extractor(kwargs.pop("feature_extractor"), list(config.layers),
@@ -202,6 +181,9 @@ def quality_from_features(gen: dict[str, torch.Tensor], real: dict[str, torch.Te
     """FID, KID, IS, precision and recall from 'fid' / 'isc' features (``FidelityFeatures``)
     of generated and real images: torch-fidelity's metric functions and settings, FID
     through ``frechet_distance``."""
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
     n_gen, n_real = len(gen["fid"]), len(real["fid"])
     if min(n_gen, n_real) <= config.pr_neighborhood:
         raise ValueError(f"precision/recall with {config.pr_neighborhood} neighbours needs more "
@@ -298,6 +280,8 @@ class SubsetQuality:
         self.real_features, self.config = real_features, config
 
     def __call__(self, gen_features: torch.Tensor) -> dict[str, float]:
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
         prc = prc_features_to_metric(gen_features, self.real_features,
                                      prc_neighborhood=self.config.pr_neighborhood,
                                      save_cpu_ram=True, verbose=False)
@@ -310,5 +294,6 @@ def config_from_params(ev, evaluator_path: str, cuda: bool, seed: int) -> Fideli
     InceptionV3 from ``evaluate.inception_weights``."""
     weights = evaluator_path if ev.feature_extractor == "evaluator" else ev.inception_weights
     return FidelityConfig(extractor=ev.feature_extractor, weights_path=weights, cuda=cuda,
-                          kid_subset_size=ev.kid_subset_size, kid_subsets=ev.kid_subsets,
+                          batch_size=ev.feature_batch_size, kid_subset_size=ev.kid_subset_size,
+                          kid_subsets=ev.kid_subsets, is_splits=ev.is_splits,
                           pr_neighborhood=ev.pr_neighborhood, seed=seed)

@@ -32,15 +32,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from up.evaluation import metrics, report
 from up.evaluation.report import t_interval
 
-# (quality key, diversity key, name of the value at matched quality, titles)
-PAIRS = [
-    ("precision", "recall", "recall_at_precision", "precision", "recall"),
-    ("class_accuracy", "diversity", "diversity_at_class_accuracy", "class accuracy",
-     "within-class diversity"),
-]
-CURVE_KEYS = ["fid", "precision", "recall", "class_accuracy", "diversity"]
+# (quality key, diversity key): the diversity figure is read at matched quality.
+MATCHED = [("precision", "recall"), ("class_accuracy", "diversity")]
+
+
+def pairs() -> list[tuple[str, str, str, str, str]]:
+    """Per matched pair: (quality key, diversity key, name of the value at matched
+    quality, both figures in words), the words from the metrics' declarations."""
+    words = {m.key: m.words for m in report.METRICS}
+    return [(q, o, f"{o}_at_{q}", words[q], words[o]) for q, o in MATCHED]
+
+
+def curve_keys() -> list[str]:
+    """The figures averaged per guidance value: FID (the third panel), the pairs', then
+    any other metric declared a curve."""
+    return metrics.curve_keys(report.METRICS, ["fid", *(k for pair in MATCHED for k in pair)])
 
 
 def monotone_increasing(values: Sequence[float]) -> np.ndarray:
@@ -107,10 +116,10 @@ def mean_curves(by_seed: dict[int, dict]) -> list[dict]:
     curve figure over the seeds."""
     seeds = sorted(by_seed)
     grids = [{r["guidance"]: r for r in by_seed[s]["rows"]} for s in seeds]
-    out = []
+    out, keys = [], curve_keys()
     for g in sorted(set.intersection(*(set(grid) for grid in grids))):
         row = {"guidance": g, "n_samples": sorted({grid[g]["n_samples"] for grid in grids})}
-        for key in CURVE_KEYS:
+        for key in keys:
             values = [grid[g].get(key) for grid in grids]
             if any(v is None for v in values):
                 row[key] = row[f"{key}_sd"] = None
@@ -133,7 +142,7 @@ def paired_at_pair_level(curves: dict, baseline: str, fixed: dict[str, float | N
             continue
         out[v] = {}
         seeds = sorted(set(curves[v]) & set(curves[baseline]))
-        for quality, _, name, *_ in PAIRS:
+        for quality, _, name, *_ in pairs():
             ranges = [reached(curves[w][s][quality][0]) for w in (v, baseline) for s in seeds]
             level = match_level(ranges, fixed.get(quality))["level"]
             reads = {w: [None if level is None else value_at(*curves[w][s][quality], level)
@@ -151,17 +160,17 @@ def summarize(sweeps: dict[str, dict[int, dict]], baselines: Sequence[str],
     quality (per seed, mean and t-interval), paired differences with each baseline
     present, and the mean curves."""
     fixed = fixed or {}
-    curves = {v: {s: {q: curve(sw["rows"], q, o) for q, o, *_ in PAIRS} for s, sw in by_seed.items()}
+    curves = {v: {s: {q: curve(sw["rows"], q, o) for q, o, *_ in pairs()} for s, sw in by_seed.items()}
               for v, by_seed in sweeps.items()}
     levels, values = {}, {v: {s: {} for s in by_seed} for v, by_seed in sweeps.items()}
-    for quality, _, name, *_ in PAIRS:
+    for quality, _, name, *_ in pairs():
         ranges = [reached(c[quality][0]) for by_seed in curves.values() for c in by_seed.values()]
         levels[quality] = match_level(ranges, fixed.get(quality))
         level = levels[quality]["level"]
         for v, by_seed in curves.items():
             for s, c in by_seed.items():
                 values[v][s][name] = None if level is None else value_at(*c[quality], level)
-    names = [name for _, _, name, *_ in PAIRS]
+    names = [name for _, _, name, *_ in pairs()]
     variants = {}
     for v, by_seed in sweeps.items():
         seeds = sorted(by_seed)
@@ -170,7 +179,7 @@ def summarize(sweeps: dict[str, dict[int, dict]], baselines: Sequence[str],
                  "feature_extractor": sorted({by_seed[s]["feature_extractor"] for s in seeds}),
                  "guidance": sorted({r["guidance"] for s in seeds for r in by_seed[s]["rows"]}),
                  "reached": {}}
-        for quality, *_ in PAIRS:
+        for quality, *_ in pairs():
             entry["reached"][quality] = common_range([reached(curves[v][s][quality][0]) for s in seeds])
         for name in names:
             per_seed = [values[v][s][name] for s in seeds]
@@ -215,24 +224,24 @@ def markdown(summary: dict) -> str:
              "Each run's quality is fitted non-decreasing along the guidance order; the "
              "diversity figure is read at the matched quality by linear interpolation between "
              "neighbouring guidance values (no extrapolation), on each seed's own curve.", ""]
-    for quality, _, _, q_title, o_title in PAIRS:
+    for quality, _, _, q_title, o_title in pairs():
         lv = levels[quality]
         where = "" if lv["common"] is None else f"; range every run reaches: {_range(lv['common'])}"
         level = "none" if lv["level"] is None else f"{lv['level']:.4g}"
         lines.append(f"- {o_title} at matched {q_title}: level {level} ({lv['rule']}{where})")
     head = ["variant", "seeds"]
-    for quality, _, _, q_title, o_title in PAIRS:
+    for quality, _, _, q_title, o_title in pairs():
         head += [f"{o_title} {_level_title(q_title, levels[quality])} ↑", f"{q_title} reached"]
     lines += ["", "Mean [95 % t-interval] over seeds; 'reached': the quality range all the "
               "variant's seeds cover.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, e in variants.items():
         row = [v, ",".join(map(str, e["seeds"]))]
-        for quality, _, name, *_ in PAIRS:
+        for quality, _, name, *_ in pairs():
             row += [_cell(e[name]), _range(e["reached"][quality])]
         lines.append("| " + " | ".join(row) + " |")
     for baseline, by_variant in summary["paired"].items():
         head = [f"variant − {baseline}", "seeds"] + [
-            f"{o_title} @ {q_title} (pair level)" for quality, _, _, q_title, o_title in PAIRS]
+            f"{o_title} @ {q_title} (pair level)" for quality, _, _, q_title, o_title in pairs()]
         lines += ["", f"### Paired with `{baseline}` (same seed)", "",
                   "Mean difference [95 % t-interval over seeds] read at the pair's own matched "
                   "quality (the midpoint of the range both variants' seeds reach, in brackets "
@@ -243,7 +252,7 @@ def markdown(summary: dict) -> str:
             row = [v, ",".join(map(str, seeds))]
             row += [_cell(cells[name], signed=True) + ("" if cells[name] is None else
                                                         f" (@ {cells[name]['level']:.3g})")
-                    for _, _, name, *_ in PAIRS]
+                    for _, _, name, *_ in pairs()]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -263,7 +272,7 @@ def frontier_figure(summary: dict, annotate: str | None = None):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for i, (v, rows) in enumerate(summary["curves"].items()):
         color = f"C{i % 10}"
-        for ax, (quality, other, _, q_title, o_title) in zip(axes[:2], PAIRS, strict=True):
+        for ax, (quality, other, _, q_title, o_title) in zip(axes[:2], pairs(), strict=True):
             pts = [r for r in rows if r[quality] is not None and r[other] is not None]
             if not pts:
                 continue
@@ -282,17 +291,17 @@ def frontier_figure(summary: dict, annotate: str | None = None):
         sd = np.array([0.0 if r["fid_sd"] is None else r["fid_sd"] for r in rows])
         axes[2].plot(g, fid, color=color, marker="o", ms=4, label=v)
         axes[2].fill_between(g, fid - sd, fid + sd, color=color, alpha=0.15, lw=0)
-    for ax, (quality, *_) in zip(axes[:2], PAIRS, strict=True):
+    for ax, (quality, _, _, q_title, o_title) in zip(axes[:2], pairs(), strict=True):
+        ax.set_title(f"{q_title} vs {o_title}")
         level = summary["levels"][quality]["level"]
         if level is not None:
             ax.axvline(level, color="0.4", ls=":", lw=1)
             ax.text(level, 1.0, f" matched {level:.3g}", transform=ax.get_xaxis_transform(),
                     va="top", fontsize=7, color="0.3")
     axes[2].set_xlabel("guidance scale")
-    axes[2].set_ylabel("FID ↓")
-    axes[0].set_title("precision vs recall")
-    axes[1].set_title("class accuracy vs within-class diversity")
-    axes[2].set_title("FID vs guidance")
+    fid_metric = next(m for m in report.METRICS if m.key == "fid")
+    axes[2].set_ylabel(fid_metric.heading)
+    axes[2].set_title(f"{fid_metric.title} vs guidance")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -11,46 +11,33 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from up.generation.scores import ALL_MEASURES, IMAGE_SCORES
+from up.core import paths
+from up.evaluation import calibration, fidelity, selective
+from up.evaluation.metrics import (
+    headline_keys,
+    main_columns,
+    paired_columns,
+    register,
+    summary_keys,
+    tables,
+)
 
-# (key in metrics/eval-*.json, column title); arrows say which direction is better.
-MAIN_COLUMNS = [
-    ("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("is_mean", "IS ↑"), ("precision", "precision ↑"),
-    ("recall", "recall ↑"), ("diversity", "diversity"), ("density", "density"),
-    ("coverage", "coverage ↑"), ("class_accuracy", "class acc ↑"),
-    ("ece", "ECE ↓"), ("nll", "NLL ↓"), ("brier", "Brier ↓"), ("token_accuracy", "token acc"),
-]
-# The per-image uncertainty scores are up.generation.scores.IMAGE_SCORES (RANKED here); the
-# controls 'random' and 'oracle' are added per table.
-RANKED = IMAGE_SCORES
-# Selective generation tables: (title, explanation, [(key, column title)]).
-SELECTIVE_TABLES = [
-    ("Within-class AUROC for failed samples ↑",
-     "Probability that a failed sample (misclassified by the evaluator, or realism below the "
-     "threshold) has a higher score than a good sample of the same class; 0.5 = chance.",
-     [(f"auroc_{s}", s) for s in RANKED]),
-    ("AURC gain over random ↑ (failure risk)",
-     "(AURC_random − AURC_score) / (AURC_random − AURC_oracle) of the within-class "
-     "risk-coverage curve of the failure rate: 0 = no better than dropping at random, "
-     "1 = as good as ranking by the failure itself. `random`/`oracle`: their AURC.",
-     [(f"aurc_gain_{s}", s) for s in RANKED]
-     + [("aurc_random", "AURC random"), ("aurc_oracle", "AURC oracle")]),
-    ("Within-class Spearman correlation with log p(y | x)",
-     "Mean over classes of the rank correlation between the score and the evaluator's "
-     "log-probability of the conditioned class; negative = uncertain samples are worse.",
-     [(f"spearman_{s}", s) for s in RANKED]),
-    ("Stratified subset FID ↓",
-     "FID of the most certain fraction of every class; `random`: stratified random subsets "
-     "of the same per-class sizes; `oracle`: ranked by −log p(y | x). Lower than `random` "
-     "means the score removes bad samples, but FID also penalises lost diversity.",
-     [(f"selective_fid_{s}", s) for s in ALL_MEASURES]
-     + [("selective_fid_random", "random"), ("selective_fid_oracle", "oracle")]),
-]
-SELECTIVE_COLUMNS = [column for _, _, columns in SELECTIVE_TABLES for column in columns]
-# Bootstrap interval keys shown beside single-seed cells.
-SELECTIVE_KEYS = [key for key, _ in SELECTIVE_COLUMNS] + [
-    f"{key}_{end}" for key, _ in SELECTIVE_COLUMNS
-    if key.startswith(("auroc_", "aurc_gain_", "spearman_")) for end in ("lo", "hi")]
+# Every declared metric, in column order: image quality, the generated set (diversity,
+# class accuracy) and selective generation, token calibration. The tables, the headline
+# file and the paired columns read it when they are written (a test may extend it).
+METRICS = register(fidelity.METRICS, selective.METRICS, calibration.METRICS)
+# The figures `dvc exp show` lists per experiment (results/metrics.json), as declared.
+HEADLINE_KEYS = headline_keys(METRICS)
+
+
+def report_keys() -> list[str]:
+    """The keys results/summary.json aggregates over seeds."""
+    return summary_keys(METRICS)
+
+
+def paired_keys() -> list[str]:
+    """The keys compared with the baselines seed by seed."""
+    return [key for key, _ in paired_columns(METRICS)]
 
 
 def aggregate(runs: dict[str, dict[int, dict]], keys: Sequence[str]) -> dict[str, dict]:
@@ -76,12 +63,6 @@ def aggregate(runs: dict[str, dict[int, dict]], keys: Sequence[str]) -> dict[str
             "metrics": metrics,
         }
     return summary
-
-
-# The figures of the paired comparison with the baselines (variant minus baseline, per seed).
-PAIRED_KEYS = [("fid", "FID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
-               ("diversity", "diversity"), ("class_accuracy", "class acc ↑"), ("ece", "ECE ↓"),
-               ("nll", "NLL ↓")]
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float | int | None]:
@@ -127,28 +108,24 @@ def _paired_cell(entry: dict | None) -> str:
 def paired_markdown(paired: dict[str, dict[str, dict]]) -> list[str]:
     """One table per baseline: rows variants, cells mean difference [95 % interval];
     * marks an interval that excludes 0."""
-    lines = []
+    lines, columns = [], paired_columns(METRICS)
     for baseline, by_variant in paired.items():
-        head = ["variant − " + baseline, "seeds"] + [title for _, title in PAIRED_KEYS]
+        head = ["variant − " + baseline, "seeds"] + [title for _, title in columns]
         lines += ["", f"### Paired with `{baseline}`", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for variant, cells in by_variant.items():
             seeds = next((c["seeds"] for c in cells.values() if c is not None), [])
             row = [variant, ",".join(map(str, seeds))]
-            row += [_paired_cell(cells[key]) for key, _ in PAIRED_KEYS]
+            row += [_paired_cell(cells[key]) for key, _ in columns]
             lines.append("| " + " | ".join(row) + " |")
     return lines
-
-
-# The figures `dvc exp show` lists per experiment (results/metrics.json).
-HEADLINE_KEYS = ["fid", "kid_mean", "is_mean", "precision", "recall", "diversity",
-                 "class_accuracy", "ece"]
 
 
 def headline(summary: dict[str, dict]) -> dict[str, dict[str, float | None]]:
     """Per variant, the mean over seeds of each headline figure: a small flat file,
     so that experiment tables compare variants without the per-seed noise columns."""
-    return {variant: {key: entry["metrics"][key]["mean"] for key in HEADLINE_KEYS}
+    keys = headline_keys(METRICS)
+    return {variant: {key: entry["metrics"][key]["mean"] for key in keys}
             for variant, entry in summary.items()}
 
 
@@ -182,12 +159,12 @@ def markdown(summary: dict[str, dict], selective_fraction: float | None,
         f"Feature network for FID/KID/IS/precision/recall: {', '.join(extractors)}. "
         "Generated images are compared with the test split; calibration (ECE, NLL, Brier, "
         "token accuracy) is of the token predictions on the val tokens. Figures under "
-        "results/ show the first seed of each variant.",
+        f"{paths.RESULTS}/ show the first seed of each variant.",
         "",
         ("Cells are mean ± sample std over the listed training seeds."
          if multi else "One training seed per variant: cells are single values."),
         "",
-        *_table(summary, MAIN_COLUMNS),
+        *_table(summary, main_columns(METRICS)),
     ]
     if paired:
         lines += ["", "## Paired differences over seeds",
@@ -215,18 +192,16 @@ def selective_markdown(summary: dict[str, dict], selective_fraction: float) -> l
              "guided distribution; cond_entropy and surprisal (−log p_cond of the sampled "
              "token) of the conditional one; `_fine`: mean over the finest scales only. "
              "Several seeds: mean ± std over seeds; one seed: value [bootstrap 95 % interval]."]
-    for title, text, columns in SELECTIVE_TABLES:
-        if title.startswith("Stratified subset FID"):
-            title = f"{title}: most certain {selective_fraction:.0%} of every class"
-        head = ["variant", "seeds", "N gen / N real"] + [t for _, t in columns]
-        lines += ["", f"### {title}", "", text, "",
+    for table, columns in tables(METRICS):
+        head = ["variant", "seeds", "N gen / N real"] + [m.title for m in columns]
+        lines += ["", f"### {table.title.format(fraction=selective_fraction)}", "", table.text, "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for variant, entry in summary.items():
             metrics = entry["metrics"]
             counts = (f"{'/'.join(map(str, entry['n_samples']))} / "
                       f"{'/'.join(map(str, entry['n_real']))}")
             cells = [variant, ",".join(map(str, entry["seeds"])), counts]
-            cells += [_selective_cell(metrics[key], metrics.get(f"{key}_lo"),
-                                      metrics.get(f"{key}_hi")) for key, _ in columns]
+            cells += [_selective_cell(metrics[m.key], metrics.get(f"{m.key}_lo"),
+                                      metrics.get(f"{m.key}_hi")) for m in columns]
             lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -15,7 +15,50 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-Metric = Callable[[torch.Tensor], dict[str, float | None]]
+from up.evaluation.metrics import Metric, Table
+from up.generation.scores import ALL_MEASURES, IMAGE_SCORES
+
+SubsetMetric = Callable[[torch.Tensor], dict[str, float | None]]
+
+# -- the declared metrics (up.evaluation.metrics): set_figures and selective_figures -------
+#
+# Diversity and density have no arrow: both depend on how sharp the samples are (the
+# frontier compares diversity at matched quality), and density is 1 for real-like samples.
+# The tables rank by the per-image scores of up.generation.scores (IMAGE_SCORES); the
+# controls 'random' and 'oracle' are columns of their own.
+AUROC = Table(
+    "Within-class AUROC for failed samples ↑",
+    "Probability that a failed sample (misclassified by the evaluator, or realism below the "
+    "threshold) has a higher score than a good sample of the same class; 0.5 = chance.")
+AURC_GAIN = Table(
+    "AURC gain over random ↑ (failure risk)",
+    "(AURC_random − AURC_score) / (AURC_random − AURC_oracle) of the within-class "
+    "risk-coverage curve of the failure rate: 0 = no better than dropping at random, "
+    "1 = as good as ranking by the failure itself. `random`/`oracle`: their AURC.")
+SPEARMAN = Table(
+    "Within-class Spearman correlation with log p(y | x)",
+    "Mean over classes of the rank correlation between the score and the evaluator's "
+    "log-probability of the conditioned class; negative = uncertain samples are worse.")
+SUBSET_FID = Table(
+    "Stratified subset FID ↓: most certain {fraction:.0%} of every class",
+    "FID of the most certain fraction of every class; `random`: stratified random subsets "
+    "of the same per-class sizes; `oracle`: ranked by −log p(y | x). Lower than `random` "
+    "means the score removes bad samples, but FID also penalises lost diversity.")
+METRICS = (
+    Metric("diversity", "diversity", main=True, paired=True, headline=True, curve=True,
+           name="within-class diversity"),
+    Metric("density", "density", main=True),
+    Metric("coverage", "coverage", "higher", main=True),
+    Metric("class_accuracy", "class acc", "higher", main=True, paired=True, headline=True,
+           curve=True, name="class accuracy"),
+    *(Metric(f"auroc_{s}", s, "higher", table=AUROC, interval=True) for s in IMAGE_SCORES),
+    *(Metric(f"aurc_gain_{s}", s, "higher", table=AURC_GAIN, interval=True) for s in IMAGE_SCORES),
+    Metric("aurc_random", "AURC random", "lower", table=AURC_GAIN),
+    Metric("aurc_oracle", "AURC oracle", "lower", table=AURC_GAIN),
+    *(Metric(f"spearman_{s}", s, table=SPEARMAN, interval=True) for s in IMAGE_SCORES),
+    *(Metric(f"selective_fid_{s}", s, "lower", table=SUBSET_FID)
+      for s in (*ALL_MEASURES, "random", "oracle")),
+)
 
 
 def kept_count(n: int, fraction: float) -> int:
@@ -125,6 +168,22 @@ def on_class_diversity(features: torch.Tensor, logits: torch.Tensor, classes: to
         return None
 
 
+def set_figures(gen: dict[str, torch.Tensor], real: dict[str, torch.Tensor],
+                gen_classes: torch.Tensor, labels: torch.Tensor, real_labels: torch.Tensor,
+                k: int) -> dict[str, float | None]:
+    """The figures of the generated set as a whole, from the evaluator's 'features' and
+    'logits' and the fidelity network's 'fid' features of the generated (``gen``) and
+    real images: density and coverage, within-class diversity (of the images assigned
+    to their class; of all images; of the real images) and class accuracy."""
+    return {
+        **density_coverage(gen["fid"], real["fid"], k),
+        "diversity": on_class_diversity(gen["features"], gen["logits"], gen_classes),
+        "diversity_all": class_diversity(gen["features"], gen_classes),
+        "diversity_real": on_class_diversity(real["features"], real["logits"], real_labels),
+        "class_accuracy": class_accuracy(gen["logits"], labels),
+    }
+
+
 # -- within-class selection ------------------------------------------------------
 
 def stratified_keep(scores: torch.Tensor, classes: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -145,8 +204,8 @@ def stratified_random(classes: torch.Tensor, fraction: float, generator: torch.G
 
 
 def stratified_curves(scores: dict[str, torch.Tensor], classes: torch.Tensor,
-                      fractions: Sequence[float], metric: Metric, random_repeats: int, seed: int
-                      ) -> list[dict]:
+                      fractions: Sequence[float], metric: SubsetMetric, random_repeats: int,
+                      seed: int) -> list[dict]:
     """Selective-generation curves with within-class selection: each score keeps its most certain
     ``fraction`` of every class; 'random' rows average ``random_repeats`` stratified
     random subsets of the same per-class counts. A kept set met before (every score at
@@ -427,6 +486,28 @@ def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
             curve_rows += [{"score": s, "risk": r, "coverage": float(c), "value": float(v)}
                            for c, v in zip(coverages, curve, strict=True)]
     return rows, curve_rows
+
+
+def selective_figures(rows: list[dict], stats: list[dict], smallest: float) -> dict:
+    """The selective tables' figures as flat metric keys: the failure AURC of the random
+    and oracle controls, the subset FID of every ranking at the ``smallest`` kept
+    fraction (``rows`` of stratified_curves), and per score (``stats`` of
+    selective_statistics) AUROC, AURC and its gain, and Spearman, with intervals."""
+    figures = {"aurc_random": stats[0]["aurc_failure_random"],
+               "aurc_oracle": stats[0]["aurc_failure_oracle"], "selective_fraction": smallest}
+    figures.update({f"selective_fid_{r['score']}": r["fid"] for r in rows
+                    if r["fraction"] == smallest})
+    for row in stats:
+        sc = row["score"]
+        figures.update({
+            f"auroc_{sc}": row["auroc"], f"auroc_{sc}_lo": row["auroc_lo"],
+            f"auroc_{sc}_hi": row["auroc_hi"], f"aurc_{sc}": row["aurc_failure"],
+            f"aurc_gain_{sc}": row["aurc_gain_failure"],
+            f"aurc_gain_{sc}_lo": row["aurc_gain_failure_lo"],
+            f"aurc_gain_{sc}_hi": row["aurc_gain_failure_hi"],
+            f"spearman_{sc}": row["spearman_log_p"], f"spearman_{sc}_lo": row["spearman_log_p_lo"],
+            f"spearman_{sc}_hi": row["spearman_log_p_hi"]})
+    return figures
 
 
 def score_correlations(scores: dict[str, torch.Tensor], classes: torch.Tensor) -> dict:

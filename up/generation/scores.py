@@ -1,4 +1,4 @@
-"""Per-token uncertainty at generation time (METHOD §4).
+"""Per-token uncertainty at generation time (docs/method.md §4).
 
 Each generated token is drawn from a distribution p over the V codes; three
 numbers describe how uncertain that draw was: the entropy H(p), the total

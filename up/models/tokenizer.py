@@ -407,7 +407,7 @@ class MultiScaleVQVAE(nn.Module):
         return f_hat, nxt.flatten(2).transpose(1, 2)
 
 
-def tokenize_images(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: int = 256,
+def tokenize_images(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: int,
                     device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 images (N, C, H, W) -> token rows (N, L) in the smallest dtype that fits V."""
     dtype = index_dtype(model.vocab_size)

@@ -17,8 +17,8 @@ def rng_state() -> dict[str, Any]:
         import numpy as np
 
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        # numpy's key array as a tensor: checkpoints load with weights_only=True
-        state["numpy"] = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
+        # numpy's key array as plain ints: checkpoints load with weights_only=True
+        state["numpy"] = (kind, keys.tolist(), pos, has_gauss, gauss)
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
@@ -33,7 +33,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         import numpy as np
 
         kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

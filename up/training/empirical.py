@@ -1,4 +1,4 @@
-"""Data-side second-order reference: sparse context counts (METHOD §3, ``empirical``).
+"""Data-side second-order reference: sparse context counts (docs/method.md §3, ``empirical``).
 
 For a context c of a token (its scale, optionally the code of its parent at
 the previous scale, optionally the class) the reference is the Dirichlet
@@ -54,12 +54,25 @@ a point mass on the target. ``leave_one_out=True`` removes the token's own
 count (alpha(c, y) -= 1, kappa -= 1) so a training batch sees the reference
 it would have had without itself; use it when the batch comes from the data
 the reference was fitted on.
+
+Layout. Four parts, each with one job, composed by ``EmpiricalReference``:
+
+- ``ContextKeys``: which context a token belongs to (validates a batch of
+  token rows and labels, maps each token to its context key, and lists the
+  (context, code) counts a training chunk contributes);
+- ``CountTable``: the sparse counts n(c, v), n(c) (counting with geometric
+  merging, look-ups, the tensors it is saved as, ``to(device)``);
+- ``EmpiricalReference``: the Dirichlet posterior over those counts (alpha,
+  probs_and_evidence, the predictive probability of a target, leave-one-out);
+  it also fits, saves and loads the two parts above as one object;
+- ``mean_nll`` / ``mean_nll_per_scale`` / ``select_reference``: the held-out
+  NLL of a reference and the choice of context and prior by it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -80,6 +93,9 @@ def _check_prior(prior: float) -> float:
     if not (prior > 0 and math.isfinite(prior)):
         raise ValueError(f"empirical prior a_0 must be a finite number > 0, got {prior}")
     return prior
+
+
+# ---------------------------------------------------------------- 1. context keys
 
 
 def _position_tables(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,22 +119,16 @@ def _position_tables(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(scale), torch.cat(parent)
 
 
-def _merge_counts(parts: list[tuple[torch.Tensor, torch.Tensor]]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique pair keys and their summed counts over several (keys, counts)."""
-    keys = torch.cat([k for k, _ in parts])
-    counts = torch.cat([n for _, n in parts])
-    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), dtype=torch.int64, device=keys.device)
-    return uniq, summed.index_add_(0, inverse, counts)
+class ContextKeys:
+    """Which context each token belongs to: one int64 key per token (module doc, Contexts).
 
+    Holds the token layout (patch_nums, V, C) and the context kind; knows
+    nothing of counts. ``check`` validates a batch, ``keys`` maps it to context
+    keys, ``counted`` lists what a training chunk adds to the counts.
+    """
 
-class EmpiricalReference:
-    """Sparse Dirichlet reference alpha_ref(c) = n(c, .) + a_0 / V (see module doc)."""
-
-    def __init__(self, *, patch_nums: Sequence[int], vocab_size: int, num_classes: int, context: str,
-                 prior: float, ctx_keys: torch.Tensor, ctx_totals: torch.Tensor, offsets: torch.Tensor,
-                 pair_keys: torch.Tensor, pair_counts: torch.Tensor):
+    def __init__(self, patch_nums: Sequence[int], vocab_size: int, num_classes: int, context: str,
+                 device: torch.device | str):
         _check_context(context)
         self.patch_nums = [int(p) for p in patch_nums]
         if not self.patch_nums or min(self.patch_nums) < 1:
@@ -128,22 +138,21 @@ class EmpiricalReference:
         if self.vocab_size < 1 or self.num_classes < 0:
             raise ValueError(f"need vocab_size >= 1 and num_classes >= 0, got {vocab_size}, {num_classes}")
         self.context = context
-        self.prior = _check_prior(prior)
+        self.uses_parent, self.uses_class = _USES_PARENT[context], _USES_CLASS[context]
         self.length = sum(p * p for p in self.patch_nums)
-        self.ctx_keys, self.ctx_totals, self.offsets = ctx_keys, ctx_totals, offsets
-        self.pair_keys, self.pair_counts = pair_keys, pair_counts
-        m, p = ctx_keys.numel(), pair_keys.numel()
-        if ctx_totals.numel() != m or offsets.numel() != m + 1 or pair_counts.numel() != p:
-            raise ValueError("inconsistent empirical reference tables "
-                             "(sizes of keys / totals / offsets / counts)")
         scale_of, parent_pos = _position_tables(self.patch_nums)
-        self._scale_of = scale_of.to(ctx_keys.device)
-        self._parent_pos = parent_pos.to(ctx_keys.device)
+        self.scale_of = scale_of.to(device)      # (L,) scale index of each position
+        self.parent_pos = parent_pos.to(device)  # (L,) parent position, -1 at scale 0
 
-    # ------------------------------------------------------------------ keys
+    @property
+    def device(self) -> torch.device:
+        return self.scale_of.device
 
-    def _check_batch(self, indices: torch.Tensor,
-                     labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def to(self, device) -> ContextKeys:
+        return ContextKeys(self.patch_nums, self.vocab_size, self.num_classes, self.context, device)
+
+    def check(self, indices: torch.Tensor,
+              labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated (indices int64 (B, L), labels int64 (B,)); labels None -> all 'no class'."""
         if indices.dim() != 2:
             raise ValueError(f"indices must be (N, L), got shape {tuple(indices.shape)}")
@@ -152,7 +161,7 @@ class EmpiricalReference:
         if indices.shape[1] != self.length:
             raise ValueError(f"token rows have length {indices.shape[1]}, but patch_nums {self.patch_nums} "
                              f"give sum p_k^2 = {self.length}")
-        idx = indices.to(device=self.ctx_keys.device, dtype=torch.int64)
+        idx = indices.to(device=self.device, dtype=torch.int64)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
             raise ValueError(f"token codes must lie in [0, {self.vocab_size}), got range "
                              f"[{int(idx.min())}, {int(idx.max())}]")
@@ -168,65 +177,88 @@ class EmpiricalReference:
                                  f"got range [{int(lab.min())}, {int(lab.max())}]")
         return idx, lab
 
-    def _keys(self, idx: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+    def keys(self, idx: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
         """Context keys (B, L) of validated int64 tokens and labels (class C where unused)."""
         v, c = self.vocab_size, self.num_classes
         b = idx.shape[0]
-        scale = self._scale_of.unsqueeze(0).expand(b, -1)
-        if _USES_PARENT[self.context]:
-            pos = self._parent_pos.clamp(min=0)
+        scale = self.scale_of.unsqueeze(0).expand(b, -1)
+        if self.uses_parent:
+            pos = self.parent_pos.clamp(min=0)
             parent = idx[:, pos]
-            parent = torch.where(self._parent_pos.unsqueeze(0) < 0, torch.full_like(parent, v), parent)
+            parent = torch.where(self.parent_pos.unsqueeze(0) < 0, torch.full_like(parent, v), parent)
         else:
             parent = torch.full_like(idx, v)
-        if _USES_CLASS[self.context]:
+        if self.uses_class:
             cls = lab.unsqueeze(1).expand(b, self.length)
         else:
             cls = torch.full_like(idx, c)
         return (scale * (v + 1) + parent) * (c + 1) + cls
 
-    def context_keys(self, indices: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The int64 context key (B, L) of every token; labels == C reads the class marginal."""
-        return self._keys(*self._check_batch(indices, labels))
+    def counted(self, idx: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context keys, codes), flat: every count validated training tokens add.
 
-    # --------------------------------------------------------------- fitting
+        Each token counts once in its context; with a class context, once more
+        under "no class" C (not twice if its label already is C).
+        """
+        keys, codes = [self.keys(idx, lab).reshape(-1)], [idx.reshape(-1)]
+        if self.uses_class:
+            real = lab != self.num_classes
+            keys.append(self.keys(idx[real], torch.full_like(lab[real], self.num_classes)).reshape(-1))
+            codes.append(idx[real].reshape(-1))
+        return torch.cat(keys), torch.cat(codes)
+
+
+# ---------------------------------------------------------------- 2. sparse counts
+
+
+def _merge_counts(parts: list[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique pair keys and their summed counts over several (keys, counts)."""
+    keys = torch.cat([k for k, _ in parts])
+    counts = torch.cat([n for _, n in parts])
+    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), dtype=torch.int64, device=keys.device)
+    return uniq, summed.index_add_(0, inverse, counts)
+
+
+class CountTable:
+    """The counts n(c, v) and n(c), stored sparsely, CSR-like (module doc, Memory).
+
+    A (context, code) pair is the key context * V + code. ``count`` builds the
+    table from chunks of counted pairs; ``find``, ``target_counts`` and
+    ``entries`` read it for a batch of context keys. It knows nothing of
+    positions, classes or the prior.
+    """
+
+    TENSORS = ("ctx_keys", "ctx_totals", "offsets", "pair_keys", "pair_counts")
+
+    def __init__(self, vocab_size: int, ctx_keys: torch.Tensor, ctx_totals: torch.Tensor,
+                 offsets: torch.Tensor, pair_keys: torch.Tensor, pair_counts: torch.Tensor):
+        self.vocab_size = int(vocab_size)
+        self.ctx_keys, self.ctx_totals, self.offsets = ctx_keys, ctx_totals, offsets
+        self.pair_keys, self.pair_counts = pair_keys, pair_counts
+        m, p = ctx_keys.numel(), pair_keys.numel()
+        if ctx_totals.numel() != m or offsets.numel() != m + 1 or pair_counts.numel() != p:
+            raise ValueError("inconsistent empirical reference tables "
+                             "(sizes of keys / totals / offsets / counts)")
 
     @classmethod
-    def fit(cls, indices: torch.Tensor, labels: torch.Tensor | None, patch_nums: Sequence[int],
-            vocab_size: int, num_classes: int, context: str, prior: float,
-            chunk: int = 4096) -> EmpiricalReference:
-        """Count n(c, v) over a token cache (N, L) in one pass of ``chunk`` images at a time.
+    def count(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], vocab_size: int,
+              device: torch.device) -> CountTable:
+        """Count the (context keys, codes) of every chunk, in one pass.
 
         Each chunk is reduced to its unique pair keys with counts; the chunk
         results are merged into the running table whenever they outgrow it
         (geometric merging), so the peak memory is a few times the final
         table plus one chunk, and the merge cost stays O(P log P) overall.
         """
-        _check_context(context)
-        prior = _check_prior(prior)
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        empty = torch.zeros(0, dtype=torch.int64, device=indices.device)
-        ref = cls(patch_nums=patch_nums, vocab_size=vocab_size, num_classes=num_classes, context=context,
-                  prior=prior, ctx_keys=empty, ctx_totals=empty, offsets=torch.zeros(1, dtype=torch.int64,
-                  device=indices.device), pair_keys=empty, pair_counts=empty)
-        idx_all, lab_all = ref._check_batch(indices, labels)
-        v, c = ref.vocab_size, ref.num_classes
-
+        v = int(vocab_size)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
         run_keys, run_counts = empty, empty
         buffered: list[tuple[torch.Tensor, torch.Tensor]] = []
         buffered_size = 0
-
-        for start in range(0, idx_all.shape[0], chunk):
-            idx, lab = idx_all[start:start + chunk], lab_all[start:start + chunk]
-            keys = ref._keys(idx, lab)
-            pairs = [(keys * v + idx).reshape(-1)]
-            if _USES_CLASS[context]:
-                # every token is also counted under "no class" (once, if its label already is C)
-                real = lab != c
-                marg = ref._keys(idx[real], torch.full_like(lab[real], c))
-                pairs.append((marg * v + idx[real]).reshape(-1))
-            uniq, counts = torch.unique(torch.cat(pairs), sorted=True, return_counts=True)
+        for keys, codes in chunks:
+            uniq, counts = torch.unique(keys * v + codes, sorted=True, return_counts=True)
             buffered.append((uniq, counts))
             buffered_size += uniq.numel()
             if buffered_size >= max(run_keys.numel(), _MERGE_MIN):
@@ -244,20 +276,9 @@ class EmpiricalReference:
             0, ctx_index, run_counts)
         if run_counts.numel() == 0 or int(run_counts.max()) <= _INT32_MAX:
             run_counts = run_counts.to(torch.int32)
-        return cls(patch_nums=patch_nums, vocab_size=vocab_size, num_classes=num_classes, context=context,
-                   prior=prior, ctx_keys=ctx_keys, ctx_totals=totals, offsets=offsets,
-                   pair_keys=run_keys, pair_counts=run_counts)
+        return cls(v, ctx_keys, totals, offsets, run_keys, run_counts)
 
-    def with_prior(self, prior: float) -> EmpiricalReference:
-        """The same counts under another a_0 (tables shared, not copied): prior search is free."""
-        return EmpiricalReference(patch_nums=self.patch_nums, vocab_size=self.vocab_size,
-                                  num_classes=self.num_classes, context=self.context, prior=prior,
-                                  ctx_keys=self.ctx_keys, ctx_totals=self.ctx_totals, offsets=self.offsets,
-                                  pair_keys=self.pair_keys, pair_counts=self.pair_counts)
-
-    # --------------------------------------------------------------- look-ups
-
-    def _lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(position in ctx_keys, found) of flat context keys."""
         m = self.ctx_keys.numel()
         if m == 0:
@@ -266,9 +287,9 @@ class EmpiricalReference:
         pos = torch.searchsorted(self.ctx_keys, keys).clamp(max=m - 1)
         return pos, self.ctx_keys[pos] == keys
 
-    def _target_counts(self, keys: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_counts(self, keys: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n(c), n(c, y)) int64 for flat context keys and target codes; 0 where unseen."""
-        pos, found = self._lookup(keys)
+        pos, found = self.find(keys)
         n_c = torch.where(found, self.ctx_totals[pos] if self.ctx_totals.numel() else torch.zeros_like(keys),
                           torch.zeros_like(keys))
         pair = keys * self.vocab_size + codes
@@ -280,37 +301,124 @@ class EmpiricalReference:
         n_cy = torch.where(hit, self.pair_counts[ppos].to(torch.int64), torch.zeros_like(keys))
         return n_c, n_cy
 
+    def entries(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, code, n(c, code)) of every stored pair of each flat key's context: row i of a
+        dense (len(keys), V) table gets these counts (none for an unseen context).
+
+        The runs offsets[m]:offsets[m + 1] of the found contexts are expanded
+        with repeat_interleave, so only the batch's rows are ever built.
+        """
+        pos, found = self.find(keys)
+        tok = torch.nonzero(found).squeeze(1)
+        start = self.offsets[pos[tok]]
+        lengths = self.offsets[pos[tok] + 1] - start
+        rows = torch.repeat_interleave(tok, lengths)
+        run_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        within = torch.arange(rows.numel(), device=keys.device) - run_start
+        pidx = torch.repeat_interleave(start, lengths) + within
+        return rows, torch.remainder(self.pair_keys[pidx], self.vocab_size), self.pair_counts[pidx]
+
+    @property
+    def num_contexts(self) -> int:
+        return self.ctx_keys.numel()
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_keys.numel()
+
+    def memory_bytes(self) -> int:
+        """24 M + 8 + 12 P (int32 counts), see the module doc."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The five tables by name (the order of ``TENSORS``)."""
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    def to(self, device) -> CountTable:
+        return CountTable(self.vocab_size, **{name: t.to(device) for name, t in self.tensors().items()})
+
+
+# ---------------------------------------------------------------- 3. the Dirichlet posterior
+
+
+def _view(part: str, name: str, doc: str) -> property:
+    """A read-only attribute of one of EmpiricalReference's parts."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=doc)
+
+
+class EmpiricalReference:
+    """Sparse Dirichlet reference alpha_ref(c) = n(c, .) + a_0 / V (see module doc).
+
+    ``keys`` (ContextKeys) says which context a token is in, ``table``
+    (CountTable) holds n(c, v), ``prior`` is a_0. ``fit`` counts a token
+    cache; ``with_prior`` shares the counts under another a_0.
+    """
+
+    patch_nums = _view("keys", "patch_nums", "patch_nums of the token rows")
+    vocab_size = _view("keys", "vocab_size", "V")
+    num_classes = _view("keys", "num_classes", "C (label C = no class)")
+    context = _view("keys", "context", "one of CONTEXTS")
+    length = _view("keys", "length", "L = sum p_k^2")
+    ctx_keys = _view("table", "ctx_keys", "(M,) int64 sorted context keys")
+    ctx_totals = _view("table", "ctx_totals", "(M,) int64 n(c)")
+    offsets = _view("table", "offsets", "(M + 1,) int64 runs of each context's pairs")
+    pair_keys = _view("table", "pair_keys", "(P,) int64 sorted context * V + code")
+    pair_counts = _view("table", "pair_counts", "(P,) int32 (or int64) n(c, v)")
+    num_contexts = _view("table", "num_contexts", "M, the number of distinct contexts seen")
+    num_pairs = _view("table", "num_pairs", "P, the number of distinct (context, code) pairs seen")
+
+    def __init__(self, keys: ContextKeys, table: CountTable, prior: float):
+        if table.vocab_size != keys.vocab_size:
+            raise ValueError(f"count table has V = {table.vocab_size}, context keys V = {keys.vocab_size}")
+        self.keys, self.table = keys, table
+        self.prior = _check_prior(prior)
+
+    @classmethod
+    def fit(cls, indices: torch.Tensor, labels: torch.Tensor | None, patch_nums: Sequence[int],
+            vocab_size: int, num_classes: int, context: str, prior: float,
+            chunk: int = 4096) -> EmpiricalReference:
+        """Count n(c, v) over a token cache (N, L) in one pass of ``chunk`` images at a time
+        (see ``CountTable.count`` for the memory)."""
+        _check_context(context)
+        prior = _check_prior(prior)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        keys = ContextKeys(patch_nums, vocab_size, num_classes, context, indices.device)
+        idx, lab = keys.check(indices, labels)
+        chunks = (keys.counted(idx[start:start + chunk], lab[start:start + chunk])
+                  for start in range(0, idx.shape[0], chunk))
+        return cls(keys, CountTable.count(chunks, keys.vocab_size, idx.device), prior)
+
+    def with_prior(self, prior: float) -> EmpiricalReference:
+        """The same counts under another a_0 (tables shared, not copied): prior search is free."""
+        return EmpiricalReference(self.keys, self.table, prior)
+
+    def context_keys(self, indices: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The int64 context key (B, L) of every token; labels == C reads the class marginal."""
+        return self.keys.keys(*self.keys.check(indices, labels))
+
     def alpha(self, indices: torch.Tensor, labels: torch.Tensor | None,
               leave_one_out: bool = False) -> torch.Tensor:
         """alpha_ref (B, L, V) float32 = n(c, .) + a_0 / V for every token's context.
 
-        Dense rows are built for the batch only: the runs of the found
-        contexts are expanded with repeat_interleave and scattered in one
-        index_put. ``leave_one_out`` subtracts the token's own count (see the
+        Dense rows are built for the batch only (``CountTable.entries``, one
+        index_put). ``leave_one_out`` subtracts the token's own count (see the
         module doc); the batch must then come from the fitting data.
         """
-        idx, lab = self._check_batch(indices, labels)
+        idx, lab = self.keys.check(indices, labels)
         b, length, v = idx.shape[0], idx.shape[1], self.vocab_size
-        keys = self._keys(idx, lab).reshape(-1)
+        keys = self.keys.keys(idx, lab).reshape(-1)
         out = torch.full((keys.numel(), v), self.prior / v, dtype=torch.float32, device=keys.device)
-        pos, found = self._lookup(keys)
-        tok = torch.nonzero(found).squeeze(1)
-        if tok.numel():
-            start = self.offsets[pos[tok]]
-            lengths = self.offsets[pos[tok] + 1] - start
-            rows = torch.repeat_interleave(tok, lengths)
-            run_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-            within = torch.arange(rows.numel(), device=keys.device) - run_start
-            pidx = torch.repeat_interleave(start, lengths) + within
-            codes = torch.remainder(self.pair_keys[pidx], v)
-            out.index_put_((rows, codes), self.pair_counts[pidx].to(torch.float32), accumulate=True)
+        rows, codes, counts = self.table.entries(keys)
+        if rows.numel():
+            out.index_put_((rows, codes), counts.to(torch.float32), accumulate=True)
         if leave_one_out:
             self._remove_self(out, idx.reshape(-1), keys)
         return out.reshape(b, length, v)
 
     def _remove_self(self, out: torch.Tensor, codes: torch.Tensor, keys: torch.Tensor) -> None:
         """alpha(c, y) -= 1 in place where the pair (c, y) was counted."""
-        _, n_cy = self._target_counts(keys, codes)
+        _, n_cy = self.table.target_counts(keys, codes)
         seen = torch.nonzero(n_cy > 0).squeeze(1)
         out[seen, codes[seen]] -= 1.0
 
@@ -321,10 +429,11 @@ class EmpiricalReference:
         kappa = a.sum(-1)
         return a / kappa.unsqueeze(-1), kappa
 
-    def _token_nll(self, idx: torch.Tensor, lab: torch.Tensor, leave_one_out: bool) -> torch.Tensor:
-        """-log p_ref(y | c) (B, L) float64 from n(c) and n(c, y) alone."""
-        keys = self._keys(idx, lab).reshape(-1)
-        n_c, n_cy = self._target_counts(keys, idx.reshape(-1))
+    def target_nll(self, idx: torch.Tensor, lab: torch.Tensor, leave_one_out: bool) -> torch.Tensor:
+        """-log p_ref(y | c) (B, L) float64 of validated tokens, from n(c) and n(c, y) alone
+        (p_ref(y | c) = (n(c, y) + a_0 / V) / (n(c) + a_0), without building (B, L, V))."""
+        keys = self.keys.keys(idx, lab).reshape(-1)
+        n_c, n_cy = self.table.target_counts(keys, idx.reshape(-1))
         if leave_one_out:
             dec = (n_cy > 0).to(torch.int64)
             n_c, n_cy = n_c - dec, n_cy - dec
@@ -332,80 +441,80 @@ class EmpiricalReference:
         p = (n_cy.to(torch.float64) + a0 / self.vocab_size) / (n_c.to(torch.float64) + a0)
         return -torch.log(p).reshape(idx.shape)
 
-    def _nll_sums(self, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int,
-                  leave_one_out: bool) -> tuple[torch.Tensor, int]:
-        """(sum of -log p_ref per scale (K,) float64, number of images), in chunks of images."""
-        idx_all, lab_all = self._check_batch(indices, labels)
-        chunk = max(int(chunk), 1)
-        sums = torch.zeros(len(self.patch_nums), dtype=torch.float64, device=idx_all.device)
-        for start in range(0, idx_all.shape[0], chunk):
-            nll = self._token_nll(idx_all[start:start + chunk], lab_all[start:start + chunk], leave_one_out)
-            sums.index_add_(0, self._scale_of, nll.sum(0))
-        return sums, idx_all.shape[0]
-
     def nll(self, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int = 256,
             leave_one_out: bool = False) -> float:
-        """Mean -log p_ref(y | c) over all N L tokens without building (N, L, V): reads n(c), n(c, y) only."""
-        sums, n = self._nll_sums(indices, labels, chunk, leave_one_out)
-        return float(sums.sum() / (n * self.length)) if n else float("nan")
+        """``mean_nll`` of this reference."""
+        return mean_nll(self, indices, labels, chunk, leave_one_out)
 
     def nll_per_scale(self, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int = 256,
                       leave_one_out: bool = False) -> list[float]:
-        """Mean -log p_ref(y | c) within each scale (K values): where the reference is sharp or flat."""
-        sums, n = self._nll_sums(indices, labels, chunk, leave_one_out)
-        if not n:
-            return [float("nan")] * len(self.patch_nums)
-        per_scale = torch.tensor([p * p for p in self.patch_nums], dtype=torch.float64, device=sums.device)
-        return (sums / (n * per_scale)).tolist()
+        """``mean_nll_per_scale`` of this reference."""
+        return mean_nll_per_scale(self, indices, labels, chunk, leave_one_out)
 
-    # ------------------------------------------------------------ bookkeeping
-
-    @property
-    def num_contexts(self) -> int:
-        """M, the number of distinct contexts seen."""
-        return self.ctx_keys.numel()
-
-    @property
-    def num_pairs(self) -> int:
-        """P, the number of distinct (context, code) pairs seen."""
-        return self.pair_keys.numel()
+    # ------------------------------------------------------------ saving
 
     def memory_bytes(self) -> int:
         """Bytes of the stored tables: 24 M + 8 + 12 P (int32 counts), see the module doc."""
-        tables = (self.ctx_keys, self.ctx_totals, self.offsets, self.pair_keys, self.pair_counts)
-        return sum(t.numel() * t.element_size() for t in tables)
+        return self.table.memory_bytes()
 
     def state_dict(self) -> dict:
-        """Plain tensors (on CPU) and ints/strings, for torch.save."""
+        """Plain tensors (on CPU) and ints/strings, for torch.save. Each tensor is cloned:
+        a table's keys are a view into a larger, partly uninitialised buffer, whose stale
+        tail would otherwise be saved too and make equal tables differ byte for byte."""
         return dict(version=1, patch_nums=list(self.patch_nums), vocab_size=self.vocab_size,
                     num_classes=self.num_classes, context=self.context, prior=self.prior,
-                    ctx_keys=self.ctx_keys.cpu(), ctx_totals=self.ctx_totals.cpu(),
-                    offsets=self.offsets.cpu(),
-                    pair_keys=self.pair_keys.cpu(), pair_counts=self.pair_counts.cpu())
+                    **{name: t.cpu().clone() for name, t in self.table.tensors().items()})
 
     @classmethod
     def from_state_dict(cls, state: dict) -> EmpiricalReference:
         """Inverse of state_dict (validates the table sizes)."""
         if state.get("version") != 1:
             raise ValueError(f"unsupported empirical reference state version {state.get('version')!r}")
-        return cls(patch_nums=state["patch_nums"], vocab_size=state["vocab_size"],
-                   num_classes=state["num_classes"],
-                   context=state["context"], prior=state["prior"], ctx_keys=state["ctx_keys"],
-                   ctx_totals=state["ctx_totals"], offsets=state["offsets"], pair_keys=state["pair_keys"],
-                   pair_counts=state["pair_counts"])
+        keys = ContextKeys(state["patch_nums"], state["vocab_size"], state["num_classes"], state["context"],
+                           state["ctx_keys"].device)
+        table = CountTable(state["vocab_size"], **{name: state[name] for name in CountTable.TENSORS})
+        return cls(keys, table, state["prior"])
 
     def to(self, device) -> EmpiricalReference:
         """A copy whose tables live on ``device`` (look-ups run where the tables are)."""
-        return EmpiricalReference(patch_nums=self.patch_nums, vocab_size=self.vocab_size,
-                                  num_classes=self.num_classes, context=self.context, prior=self.prior,
-                                  ctx_keys=self.ctx_keys.to(device), ctx_totals=self.ctx_totals.to(device),
-                                  offsets=self.offsets.to(device), pair_keys=self.pair_keys.to(device),
-                                  pair_counts=self.pair_counts.to(device))
+        return EmpiricalReference(self.keys.to(device), self.table.to(device), self.prior)
 
     def __repr__(self) -> str:
         return (f"EmpiricalReference(context={self.context!r}, prior={self.prior}, V={self.vocab_size}, "
                 f"C={self.num_classes}, contexts={self.num_contexts}, pairs={self.num_pairs}, "
                 f"bytes={self.memory_bytes()})")
+
+
+# ---------------------------------------------------------------- 4. held-out NLL and selection
+
+
+def _nll_sums(ref: EmpiricalReference, indices: torch.Tensor, labels: torch.Tensor | None, chunk: int,
+              leave_one_out: bool) -> tuple[torch.Tensor, int]:
+    """(sum of -log p_ref per scale (K,) float64, number of images), in chunks of images."""
+    idx_all, lab_all = ref.keys.check(indices, labels)
+    chunk = max(int(chunk), 1)
+    sums = torch.zeros(len(ref.patch_nums), dtype=torch.float64, device=idx_all.device)
+    for start in range(0, idx_all.shape[0], chunk):
+        nll = ref.target_nll(idx_all[start:start + chunk], lab_all[start:start + chunk], leave_one_out)
+        sums.index_add_(0, ref.keys.scale_of, nll.sum(0))
+    return sums, idx_all.shape[0]
+
+
+def mean_nll(ref: EmpiricalReference, indices: torch.Tensor, labels: torch.Tensor | None,
+             chunk: int = 256, leave_one_out: bool = False) -> float:
+    """Mean -log p_ref(y | c) over all N L tokens without building (N, L, V): reads n(c), n(c, y) only."""
+    sums, n = _nll_sums(ref, indices, labels, chunk, leave_one_out)
+    return float(sums.sum() / (n * ref.length)) if n else float("nan")
+
+
+def mean_nll_per_scale(ref: EmpiricalReference, indices: torch.Tensor, labels: torch.Tensor | None,
+                       chunk: int = 256, leave_one_out: bool = False) -> list[float]:
+    """Mean -log p_ref(y | c) within each scale (K values): where the reference is sharp or flat."""
+    sums, n = _nll_sums(ref, indices, labels, chunk, leave_one_out)
+    if not n:
+        return [float("nan")] * len(ref.patch_nums)
+    per_scale = torch.tensor([p * p for p in ref.patch_nums], dtype=torch.float64, device=sums.device)
+    return (sums / (n * per_scale)).tolist()
 
 
 def select_reference(train_indices: torch.Tensor, train_labels: torch.Tensor | None,
@@ -431,7 +540,7 @@ def select_reference(train_indices: torch.Tensor, train_labels: torch.Tensor | N
                                       context, priors[0], chunk=chunk)
         for prior in priors:
             ref = base.with_prior(prior)
-            nll = ref.nll(heldout_indices, heldout_labels)
+            nll = mean_nll(ref, heldout_indices, heldout_labels)
             rows.append(dict(context=context, prior=prior, heldout_nll=nll, contexts_seen=ref.num_contexts,
                              pairs=ref.num_pairs, memory_bytes=ref.memory_bytes()))
             if nll < best_nll:

@@ -6,20 +6,32 @@ penalty on the gap between the second-order dispersion of the prediction and
 that of a calibrated reference, plus a semantic-entropy term. The caller
 weights tokens (uniform, per scale) and reduces.
 
+Each loss is declared once at the end (:class:`LossDeclaration`): its
+params.yaml tag and settings model, its module, the context and reference it
+needs and whether it needs the teacher model. ``LOSSES``, the typed variants
+(:func:`check_variants`) and the training step's loss are read from there, so
+a new loss is a module, its declaration and its test (and a params.yaml entry).
+
 The measures they share with sampling live in up/models/uncertainty.py.
 Shapes: logits (..., V), targets (...) long; every loss returns (...).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from up.core.params import PARAMS_FILE, Params, ParamsError, Section, describe_error
 from up.models import temperature
 from up.models.uncertainty import cluster_probs, dirichlet_variance, safe_log, semantic_entropy
 
@@ -51,7 +63,7 @@ def _smoothing(log_probs: torch.Tensor, targets: torch.Tensor, epsilon: float):
 
 
 def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Cross-entropy to (1 - epsilon) onehot(y) + epsilon / V (VAR's default: 0.1)."""
+    """Cross-entropy to (1 - epsilon) onehot(y) + epsilon / V (VAR has the option, default 0)."""
     return _smoothing(F.log_softmax(logits, -1), targets, epsilon)[0]
 
 
@@ -321,7 +333,7 @@ class UncertaintyPreservingLoss(TokenLoss):
 
     Parts: "ce", "disp", "se" (per token; the total is
     ce + lambda_disp * disp + lambda_se * se). The options have no defaults
-    here: params.yaml (through ``UPVariant``) is their one source.
+    here: params.yaml (through ``UPParams``, below) is their one source.
     """
 
     def __init__(self, *, kappa: float, lambda_disp: float, lambda_se: float, penalty: str,
@@ -428,30 +440,234 @@ class UncertaintyPreservingLoss(TokenLoss):
         return ce, disp, se
 
 
-LOSSES = {"ce": CrossEntropy, "ls": LabelSmoothing, "lr": LabelRelaxation,
-          "up": UncertaintyPreservingLoss}
-_CONTEXT = ("code_to_cluster", "num_clusters", "scale_ids", "num_scales")
+# --------------------------------------------------------------------------
+# The registry: what params.yaml, the training step and the DVC stage graph know of a loss
+
+
+class LossParams(Section):
+    """A variant's section of params.yaml, as its loss declares it: ``loss`` is the
+    declaration's name (a ``Literal``), the other fields are the loss's settings with
+    their ranges. up/core/params.py keeps variants untyped (the params know no loss);
+    :func:`check_variants` types them with these models."""
+
+    loss: str
+
+
+Context = Literal["clusters", "scales"]
+
+
+def _no_reference(params: LossParams) -> str | None:
+    return None
+
+
+def _needs_no_teacher(params: LossParams) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class LossDeclaration:
+    """Everything the pipeline knows of one loss, so that adding a loss is one
+    declaration here: the params union, ``LOSSES``, the training step's context and
+    references and the variants/derived placement are all read from these.
+
+    ``module``: the TokenLoss it trains; None for a variant that trains nothing (ts:
+    fitted post hoc on the teacher, see up/training/run.py). ``context``: what the
+    module takes besides its settings: "clusters" (code_to_cluster, num_clusters of
+    the tokenizer's codebook), "scales" (scale_ids, num_scales of the positions).
+    ``loop_keys``: settings the training loop reads, not the module (up: calib_every).
+    ``reference``: the per-batch :class:`up.training.references.Reference` these
+    settings need ("teacher" | "empirical"), or None. ``needs_teacher``: whether they
+    need the teacher model, i.e. belong under `derived` (DVC orders those after it).
+    """
+
+    name: str
+    params: type[LossParams]
+    module: type[TokenLoss] | None
+    context: tuple[Context, ...] = ()
+    loop_keys: tuple[str, ...] = ()
+    reference: Callable[[Any], str | None] = _no_reference
+    needs_teacher: Callable[[Any], bool] = _needs_no_teacher
+
+    def options(self, params: LossParams) -> dict[str, Any]:
+        """The module's keyword arguments: the settings less `loss` and the loop's."""
+        return params.model_dump(exclude={"loss", *self.loop_keys})
+
+
+DECLARATIONS: dict[str, LossDeclaration] = {}
+
+
+def declare(declaration: LossDeclaration) -> LossDeclaration:
+    """Register a loss under its name, which its params model must carry as its tag."""
+    tag = get_args(declaration.params.model_fields["loss"].annotation)
+    if tag != (declaration.name,):
+        raise ValueError(f"{declaration.params.__name__}.loss must be Literal[{declaration.name!r}]")
+    if declaration.name in DECLARATIONS:
+        raise ValueError(f"loss {declaration.name!r} is declared twice")
+    DECLARATIONS[declaration.name] = declaration
+    return declaration
+
+
+class _Modules(Mapping[str, type[TokenLoss]]):
+    """``LOSSES``: name -> TokenLoss of every declared loss that trains a module, read
+    from DECLARATIONS at each use (so a loss declared later is in it too)."""
+
+    def __getitem__(self, name: str) -> type[TokenLoss]:
+        module = DECLARATIONS[name].module
+        if module is None:
+            raise KeyError(name)
+        return module
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, d in DECLARATIONS.items() if d.module is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+LOSSES: Mapping[str, type[TokenLoss]] = _Modules()
+
+
+def declaration(kind: str) -> LossDeclaration:
+    """The declaration of loss ``kind``: what callers ask instead of testing the name."""
+    if kind not in DECLARATIONS:
+        raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(DECLARATIONS)}")
+    return DECLARATIONS[kind]
+
+
+@functools.cache
+def _union_of(models: tuple[type[LossParams], ...]) -> TypeAdapter:
+    return TypeAdapter(Annotated[Union[models], Field(discriminator="loss")])  # noqa: UP007
+
+
+def variant_union() -> TypeAdapter:
+    """The params of any declared loss, told apart by their `loss` tag."""
+    return _union_of(tuple(d.params for d in DECLARATIONS.values()))
+
+
+def _error_lines(exc: ValidationError, group: str, name: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc, given = list(err["loc"]), err.get("input")
+        if loc and loc[0] in DECLARATIONS:
+            del loc[0]  # pydantic repeats the discriminator tag; users never wrote it
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc, given = ["loss"], given.get("loss") if isinstance(given, dict) else given
+        lines.append(describe_error({**err, "loc": (group, name, *loc), "input": given}))
+    return lines
+
+
+def _placement(group: str, name: str, spec: LossParams) -> str | None:
+    teacher = declaration(spec.loss).needs_teacher(spec)
+    if group == "variants" and teacher:
+        return f"{PARAMS_FILE}: variants.{name} needs the teacher model: declare it under `derived`"
+    if group == "derived" and not teacher:
+        return (f"{PARAMS_FILE}: derived.{name} does not need the teacher model (only those "
+                "that do belong here): declare it under `variants`")
+    return None
+
+
+def check_variants(params: Params) -> dict[str, LossParams]:
+    """Every variant (trained, then derived) typed by its loss's declaration.
+
+    Raises ParamsError with one line per bad key (the format of load_params) and per
+    variant declared in the wrong group: `derived` holds exactly those that need the
+    teacher model, so that DVC trains the teacher first."""
+    typed: dict[str, LossParams] = {}
+    lines: list[str] = []
+    for group in ("variants", "derived"):
+        for name, section in getattr(params, group).items():
+            try:
+                spec = variant_union().validate_python(section.model_dump())
+            except ValidationError as exc:
+                lines += _error_lines(exc, group, name)
+                continue
+            if (problem := _placement(group, name, spec)) is not None:
+                lines.append(problem)
+            typed[name] = spec
+    if lines:
+        raise ParamsError(lines)
+    return typed
+
+
+def variant_params(params: Params, name: str) -> LossParams:
+    """The typed settings of variant ``name``, after checking every variant (a bad
+    one stops any run before its work)."""
+    params.variant(name)  # ParamsError when not declared
+    return check_variants(params)[name]
 
 
 def build_token_loss(kind: str, *, code_to_cluster: torch.Tensor | None = None,
                      num_clusters: int | None = None, scale_ids: torch.Tensor | None = None,
                      num_scales: int | None = None, **options) -> TokenLoss:
-    """The token loss of a variant: ``kind`` in ce | ls | lr | up, ``options`` its
-    params (epsilon; alpha; kappa, lambda_disp, ...). The tokenizer/model context
-    (clusters, scale of each position) is accepted for every kind, so one call
-    serves all variants; the baselines ignore it."""
+    """The token loss ``kind`` (a key of LOSSES) with ``options`` its settings
+    (epsilon; alpha; kappa, lambda_disp, ...). The tokenizer/model context is accepted
+    for every kind, so one call serves all variants; each module gets the part its
+    declaration asks for."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}")
-    cls = LOSSES[kind]
+    declared = DECLARATIONS[kind]
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    allowed = [name for name, param in inspect.signature(cls.__init__).parameters.items()
-               if param.kind in named and name != "self" and name not in _CONTEXT]
+    context = {"clusters": {"code_to_cluster": code_to_cluster, "num_clusters": num_clusters},
+               "scales": {"scale_ids": scale_ids, "num_scales": num_scales}}
+    given = {key for need in context.values() for key in need}
+    allowed = [name for name, param in inspect.signature(declared.module.__init__).parameters.items()
+               if param.kind in named and name != "self" and name not in given]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"loss {kind!r} got unknown options {unknown}; allowed: {allowed}")
-    if kind == "up":
-        options.update(code_to_cluster=code_to_cluster, num_clusters=num_clusters,
-                       scale_ids=scale_ids, num_scales=num_scales)
-    return cls(**options)
+    for need in declared.context:
+        options.update(context[need])
+    return declared.module(**options)
 
 
+def variant_loss(spec: LossParams, **context: Any) -> TokenLoss:
+    """The token loss of a variant's typed settings (``context`` as for build_token_loss)."""
+    return build_token_loss(spec.loss, **context, **declaration(spec.loss).options(spec))
+
+
+# --------------------------------------------------------------------------
+# The declared losses: their params.yaml sections (defaults fill what a variant omits)
+
+
+class CEParams(LossParams):
+    loss: Literal["ce"]
+
+
+class LSParams(LossParams):
+    loss: Literal["ls"]
+    epsilon: float = Field(0.1, gt=0, lt=1)
+
+
+class LRParams(LossParams):
+    loss: Literal["lr"]
+    alpha: float = Field(0.1, gt=0, lt=1)
+
+
+class UPParams(LossParams):
+    loss: Literal["up"]
+    kappa: float = Field(1.0, gt=0)
+    lambda_disp: float = Field(0.5, ge=0)
+    lambda_se: float = Field(0.1, ge=0)
+    penalty: Literal["w2", "variance"] = "w2"
+    reference: Literal["calibrated", "smoothed", "teacher", "empirical"] = "calibrated"
+    smoothing: float = Field(0.1, gt=0, lt=1)
+    semantic: Literal["match", "nll"] = "match"
+    calib_every: int = Field(50, ge=1)
+    fused: bool = True  # the fused kernel; false: the plain composition (same values)
+
+
+class TSParams(LossParams):
+    """Post-hoc temperature scaling of the teacher model: no training."""
+
+    loss: Literal["ts"]
+
+
+declare(LossDeclaration("ce", CEParams, CrossEntropy))
+declare(LossDeclaration("ls", LSParams, LabelSmoothing))
+declare(LossDeclaration("lr", LRParams, LabelRelaxation))
+declare(LossDeclaration(
+    "up", UPParams, UncertaintyPreservingLoss, context=("clusters", "scales"),
+    loop_keys=("calib_every",),
+    reference=lambda p: p.reference if p.reference in ("teacher", "empirical") else None,
+    needs_teacher=lambda p: p.reference == "teacher"))
+declare(LossDeclaration("ts", TSParams, None, needs_teacher=lambda p: True))

@@ -54,7 +54,7 @@ from up.models.tokenizer import load_code_clusters, load_tokenizer
 from up.models.transformer import VAR, load_var
 from up.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.training.loop import StepLoop, check_finite
-from up.training.losses import TokenLoss, build_token_loss
+from up.training.losses import LossParams, TokenLoss, declaration, variant_loss, variant_params
 from up.training.references import EmpiricalTableReference, Reference, TeacherReference
 from up.training.schedule import StepBatches, lr_factor, set_lr
 
@@ -109,15 +109,18 @@ def token_weights(scale_ids: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown token weighting {kind!r}; allowed: uniform, per_scale")
 
 
-def build_loss(variant, tokenizer_path: str | Path, scale_ids: torch.Tensor) -> TokenLoss:
-    """The variant's token loss; `up` also gets the codebook's semantic clusters."""
-    options = variant.model_dump(exclude={"loss", "calib_every"})
+def build_loss(spec: LossParams, tokenizer_path: str | Path, scale_ids: torch.Tensor) -> TokenLoss:
+    """The variant's token loss, given the context its declaration asks for: the
+    codebook's semantic clusters (read from the tokenizer only then), the scale of
+    each position."""
+    needs = declaration(spec.loss).context
     context: dict[str, Any] = {}
-    if variant.loss == "up":
+    if "clusters" in needs:
         code_to_cluster, num_clusters = load_code_clusters(tokenizer_path)
-        context = dict(code_to_cluster=code_to_cluster, num_clusters=num_clusters,
-                       scale_ids=scale_ids, num_scales=int(scale_ids.max()) + 1)
-    return build_token_loss(variant.loss, **context, **options)
+        context.update(code_to_cluster=code_to_cluster, num_clusters=num_clusters)
+    if "scales" in needs:
+        context.update(scale_ids=scale_ids, num_scales=int(scale_ids.max()) + 1)
+    return variant_loss(spec, **context)
 
 
 class EMA:
@@ -177,7 +180,7 @@ def score_tokens(model: VAR, split: TokenSplit, ids: torch.Tensor, batch_size: i
 
 def resolved_params(params: Params, name: str, seed: int) -> dict[str, Any]:
     """Every setting that defines a training run (saved next to the model)."""
-    settings = {"variant": name, "seed": seed, "loss": params.variant(name).model_dump(),
+    settings = {"variant": name, "seed": seed, "loss": variant_params(params, name).model_dump(),
                 "transformer": params.transformer.model_dump(), "train": params.train.model_dump(),
                 "threads": params.threads, "device": params.device, "pipeline_seed": params.seed}
     if name in params.derived:
@@ -318,9 +321,10 @@ def _fit_teacher(path: Path, tokens: TokenData, cfg, device: torch.device,
     return teacher, temps
 
 
-def _reference(variant, paths: RunPaths, tokens: TokenData, cfg, device: torch.device,
+def _reference(spec: LossParams, paths: RunPaths, tokens: TokenData, cfg, device: torch.device,
                ctx: Dist) -> Reference | None:
-    kind = getattr(variant, "reference", None)
+    """The per-batch reference the variant's loss declares for its settings, if any."""
+    kind = declaration(spec.loss).reference(spec)
     if kind == "teacher":
         return TeacherReference(*_fit_teacher(paths.teacher, tokens, cfg, device, ctx))
     if kind == "empirical":
@@ -331,7 +335,7 @@ def _reference(variant, paths: RunPaths, tokens: TokenData, cfg, device: torch.d
 def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist = Dist()) -> Run:
     """Model, optimiser, loss, reference and data of a run, resumed from
     ``paths.checkpoint`` when it holds a run of the same settings."""
-    cfg, variant = params.train, params.variant(name)
+    cfg, variant = params.train, variant_params(params, name)  # typed and checked first
     device = _device(params, ctx)
     tokenizer = load_tokenizer(paths.tokenizer, device)
     tokens = _token_data(params, paths, tokenizer, device)
@@ -556,7 +560,7 @@ def finish(run: Run, params: Params) -> TrainResult:
                                    zip(model.patch_nums, temperatures.tolist(), strict=True)}
     saved = {"config": model.config(), "state_dict": _to_cpu(model.state_dict()),
              "ema_state_dict": None if run.ema is None else _to_cpu(run.ema.module.state_dict()),
-             "variant": {"name": run.name, **params.variant(run.name).model_dump()},
+             "variant": {"name": run.name, **variant_params(params, run.name).model_dump()},
              "temperatures": temperatures, "logit_temperatures": None, "step": cfg.steps}
     return TrainResult(saved, metrics, log.rows)
 
@@ -564,7 +568,7 @@ def finish(run: Run, params: Params) -> TrainResult:
 def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> TrainResult:
     """The `ts` baseline: the teacher's weights with one logit temperature per scale,
     fitted on the calibration slice (the images no variant trains on)."""
-    cfg = params.train
+    cfg, spec = params.train, variant_params(params, name)  # typed and checked first
     device = _device(params, Dist())
     tokens = _token_data(params, paths, load_tokenizer(paths.tokenizer, device), device)
     data, val, fit_ids = tokens.data, tokens.val, tokens.fit_ids
@@ -576,7 +580,7 @@ def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> 
                **evaluate_tokens(model, data, val, fit_ids, cfg.batch_size, cfg.bf16, temps),
                "logit_temperatures": {f"{p}x{p}": t for p, t in
                                       zip(model.patch_nums, temps.tolist(), strict=True)}}
-    saved = {**saved, "variant": {"name": name, **params.variant(name).model_dump()},
+    saved = {**saved, "variant": {"name": name, **spec.model_dump()},
              "logit_temperatures": temps.cpu()}
     row = {"step": 0, "val_ce": _fmt(metrics["val"]["ce"]),
            **{f"T_{p}x{p}": _fmt(t) for p, t in zip(model.patch_nums, temps.tolist(), strict=True)}}
