@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from up.core.params import Params, TokenizerParams
+from up.data.sources import read_class_file
 from up.models.tokenizer import MultiScaleVQVAE
 from up.models.transformer import VAR
 from up.training.losses import check_variants, declaration, variant_loss
@@ -86,7 +87,14 @@ def world_size(launcher: str) -> int:
 
 
 def default_classes(params: Params) -> int:
-    return CLASSES.get(params.data.source, 10)
+    """data.classes' count when it selects (a file of names is read from the project
+    root), else the source's: 1000 for an imagefolder, 10 for the others."""
+    selection = params.data.classes
+    if selection is None:
+        return CLASSES.get(params.data.source, 10)
+    if isinstance(selection, int):
+        return selection
+    return len(selection if isinstance(selection, list) else read_class_file(selection))
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -409,7 +417,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", type=Path, help="a params file (profiles/*.yaml, params.yaml)")
     parser.add_argument("--classes", type=int, default=None,
-                        help="classes of the data (default: 1000 for imagefolder, else 10)")
+                        help="classes of the data (default: data.classes' count, else 1000 for "
+                             "imagefolder, 10 for the other sources)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                         help="dense bf16 peak per GPU (default: H100 SXM)")
     parser.add_argument("--mfu", type=float, default=MFU, help="assumed model FLOPs utilisation")

@@ -1,18 +1,35 @@
-"""Sampling throughput with and without the KV cache, interleaved in one process.
+"""Sampling throughput: with and without the KV cache, and against VAR's own sampler.
 
 Usage (from the project root):
 
-    python bench/sampling.py                 # default model and batch of params.yaml
+    python bench/sampling.py                          # default model and batch of params.yaml
+    python bench/sampling.py --patch-nums 1,2,3,4,5,6,8,10,13,16   # VAR's 10 scales (L 680)
+    python bench/sampling.py --against-var ~/VAR      # also VAR's autoregressive_infer_cfg
     python bench/sampling.py --repeats 10 --device cuda
 
 Builds the tokenizer and the VAR of params.yaml (tokenizer, transformer,
 data.channels; 10 classes; random weights: speed does not depend on them)
 and generates sample.batch_size images with the sample section's guidance,
-alternating cache, no cache, cache, ... so both paths see the same machine
-load; reports images/s (median over repeats) and the ratio. Peak memory of
-one batch per path, above what the process held before it: on CUDA
-torch.cuda.max_memory_allocated, on CPU the resident set size polled every
-2 ms from /proc/self/statm (Linux).
+alternating the paths in every round so all see the same machine load;
+reports images/s (median over repeats) and the ratios. Decoding the latent
+into pixels is excluded everywhere (it is the same convolutional decoder
+work whichever sampler made the tokens); our sampler still records the
+per-token uncertainty of every token.
+
+KV cache: without it every scale re-runs the whole prefix, so a forward pass
+processes sum_k end_k tokens instead of L; that ratio is the most the cache
+can save, printed beside the measured speed-up.
+
+``--against-var DIR``: DIR is a checkout of FoundationVision/VAR (its ``models/`` and ``dist.py``)
+at commit 78b9539 (the code tests/fixtures/var-official/README.md names); it
+stays outside this project. Its VAR gets our transformer's weights (through
+``up.models.interop.export_var``) at the same configuration, and its sampler
+runs with the same batch, guidance (its linear ratio k / (K - 1)), and no
+top-k/top-p. Without the folder the comparison is skipped with a line saying so.
+
+Peak memory of one batch per cache path, above what the process held before
+it: on CUDA torch.cuda.max_memory_allocated, on CPU the resident set size
+polled every 2 ms from /proc/self/statm (Linux).
 """
 
 from __future__ import annotations
@@ -21,14 +38,18 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
+from measure import cpu_model
 
 from up.core.params import load_params
 from up.core.runtime import resolve_device, setup
 from up.generation.sampler import sample
+from up.models.interop import export_var
 from up.models.transformer import VAR
 from up.training.tokenizer import build_tokenizer
 
@@ -39,6 +60,7 @@ MODES = {"cache": True, "no-cache": False}
 def build(params, device: torch.device):
     tok, tr = params.tokenizer, params.transformer
     tokenizer = build_tokenizer(tok, params.data.channels).to(device).eval()
+    tokenizer.fhat_to_image = lambda f_hat: f_hat[:, :1]  # decoding excluded (see the docstring)
     var = VAR(vocab_size=tok.vocab_size, latent_channels=tok.latent_channels,
               patch_nums=tok.patch_nums, num_classes=NUM_CLASSES, depth=tr.depth,
               width=tr.width, heads=tr.heads, mlp_ratio=tr.mlp_ratio, qk_norm=tr.qk_norm)
@@ -46,22 +68,72 @@ def build(params, device: torch.device):
     return var.to(device).eval(), tokenizer, code_to_cluster
 
 
+def synchronised(device: torch.device, work) -> float:
+    """Seconds ``work()`` takes (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def run_batch(params, device, models, use_cache: bool, seed: int = 0) -> float:
-    """Seconds to generate one batch (synchronised on CUDA)."""
+    """Seconds to generate one batch with our sampler (uncertainty recorded)."""
     var, tokenizer, code_to_cluster = models
     sp = params.sample
     labels = torch.arange(sp.batch_size) % NUM_CLASSES
     generator = torch.Generator(device=device).manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    sample(var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
-           top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, generator=generator,
-           code_to_cluster=code_to_cluster, num_clusters=params.tokenizer.semantic_clusters,
-           use_cache=use_cache)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return synchronised(device, lambda: sample(
+        var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
+        top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, generator=generator,
+        code_to_cluster=code_to_cluster, num_clusters=params.tokenizer.semantic_clusters,
+        use_cache=use_cache))
+
+
+def cache_bound(patch_nums) -> float:
+    """Tokens processed without the cache / with it: sum_k end_k / L."""
+    ends, total = [], 0
+    for p in patch_nums:
+        total += p * p
+        ends.append(total)
+    return sum(ends) / total
+
+
+def build_official(var_dir: Path, params, ours: VAR, device: torch.device):
+    """VAR's own model (its code in ``var_dir``) with our transformer's weights, or None
+    (with the reason printed) when the folder does not hold VAR's models package."""
+    if not (var_dir / "models" / "var.py").is_file():
+        print(f"VAR comparison skipped: {var_dir}/models/var.py not found (give the folder of "
+              "FoundationVision/VAR at commit 78b9539 with --against-var)")
+        return None
+    sys.path.insert(0, str(var_dir))
+    from models.var import VAR as OfficialVAR
+    from models.vqvae import VQVAE
+
+    tok, tr = params.tokenizer, params.transformer
+    vae = VQVAE(vocab_size=tok.vocab_size, z_channels=tok.latent_channels, ch=32, test_mode=True,
+                share_quant_resi=min(4, len(tok.patch_nums)), v_patch_nums=tuple(tok.patch_nums))
+    official = OfficialVAR(vae_local=vae, num_classes=NUM_CLASSES, depth=tr.depth,
+                           embed_dim=tr.width, num_heads=tr.heads, mlp_ratio=tr.mlp_ratio,
+                           drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False,
+                           attn_l2_norm=tr.qk_norm, patch_nums=tuple(tok.patch_nums),
+                           flash_if_available=False, fused_if_available=False)
+    missing, unexpected = official.load_state_dict(export_var(ours), strict=False)
+    if unexpected or set(missing) - {"lvl_1L", "attn_bias_for_masking"}:
+        raise SystemExit(f"our weights do not fit VAR's model: missing {missing}, unexpected {unexpected}")
+    vae.fhat_to_img = lambda f_hat: f_hat[:, :1]  # decoding excluded, as on our side
+    return official.to(device).eval()
+
+
+def run_official(params, device, official, seed: int = 0) -> float:
+    """Seconds for one batch of VAR's autoregressive_infer_cfg (no top-k / top-p)."""
+    sp = params.sample
+    labels = (torch.arange(sp.batch_size) % NUM_CLASSES).to(device)
+    with torch.no_grad():
+        return synchronised(device, lambda: official.autoregressive_infer_cfg(
+            B=sp.batch_size, label_B=labels, g_seed=seed, cfg=sp.guidance, top_k=0, top_p=0.0))
 
 
 def rss_bytes() -> int:
@@ -99,28 +171,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per path")
     parser.add_argument("--device", default=None, help="cpu | cuda | auto (default: params)")
+    parser.add_argument("--patch-nums", default=None,
+                        help="scales, e.g. 1,2,3,4,5,6,8,10,13,16 (default: params.yaml's)")
+    parser.add_argument("--against-var", type=Path, default=None, metavar="DIR",
+                        help="folder holding VAR's models/ package (commit 78b9539)")
     args = parser.parse_args()
 
     params = load_params()
+    if args.patch_nums:
+        scales = [int(p) for p in args.patch_nums.split(",")]
+        tok = params.tokenizer.model_copy(update={
+            "patch_nums": scales, "phi_share": min(params.tokenizer.phi_share, len(scales))})
+        params = params.model_copy(update={"tokenizer": tok})
     setup(params.seed, params.threads)
     device = resolve_device(args.device or params.device)
     models = build(params, device)
     sp, tr = params.sample, params.transformer
-    print(f"VAR depth {tr.depth} width {tr.width} ({models[0].num_parameters() / 1e6:.2f}M params), "
-          f"L={models[0].seq_len}, V={params.tokenizer.vocab_size}, batch {sp.batch_size}, "
+    print(f"{cpu_model()}, torch {torch.__version__}; VAR depth {tr.depth} width {tr.width} "
+          f"({models[0].num_parameters() / 1e6:.2f}M params), scales {params.tokenizer.patch_nums} "
+          f"(L={models[0].seq_len}), V={params.tokenizer.vocab_size}, batch {sp.batch_size}, "
           f"guidance {sp.guidance} ({sp.guidance_schedule}), device {device}, threads {params.threads}")
-    for use_cache in MODES.values():  # warm-up
-        run_batch(params, device, models, use_cache)
-    times = {mode: [] for mode in MODES}
+    paths = {mode: (lambda use=use: run_batch(params, device, models, use)) for mode, use in MODES.items()}
+    if args.against_var is not None:
+        if sp.guidance_schedule != "linear" or sp.top_k or sp.top_p < 1 or sp.temperature != 1:
+            raise SystemExit("the VAR comparison needs sample.guidance_schedule linear, no top-k/top-p "
+                             "and temperature 1 (VAR's sampler has no other settings)")
+        official = build_official(args.against_var.expanduser(), params, models[0], device)
+        if official is not None:
+            paths["VAR"] = lambda: run_official(params, device, official)
+    for run in paths.values():  # warm-up
+        run()
+    times = {mode: [] for mode in paths}
     for _ in range(args.repeats):
-        for mode, use_cache in MODES.items():
-            times[mode].append(run_batch(params, device, models, use_cache))
+        for mode, run in paths.items():
+            times[mode].append(run())
     rate = {mode: sp.batch_size / statistics.median(t) for mode, t in times.items()}
     for mode, use_cache in MODES.items():
         peak = peak_memory_mib(params, device, models, use_cache)
         print(f"{mode:>9}: {rate[mode]:8.1f} images/s  (median of {args.repeats} batches; "
               f"peak memory of one batch {peak:.0f} MiB)")
-    print(f"KV-cache speed-up: {rate['cache'] / rate['no-cache']:.2f}x")
+    bound = cache_bound(params.tokenizer.patch_nums)
+    speedup = rate["cache"] / rate["no-cache"]
+    print(f"KV-cache speed-up: {speedup:.2f}x of at most {bound:.2f}x (token count): "
+          f"{speedup / bound:.0%} of the bound")
+    if "VAR" in rate:
+        print(f"      VAR: {rate['VAR']:8.1f} images/s  (autoregressive_infer_cfg, KV cache)")
+        print(f"ours / VAR: {rate['cache'] / rate['VAR']:.2f}x (ours records per-token uncertainty)")
 
 
 if __name__ == "__main__":

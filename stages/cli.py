@@ -192,10 +192,18 @@ def import_var(
                                                  "(default: models/var-d<depth>-imported.pt).")] = None,
     clusters: Annotated[int | None, typer.Option(help="Codebook clusters for semantic entropy "
                                                  "(default: tokenizer.semantic_clusters).")] = None,
+    class_rows: Annotated[str | None, typer.Option(
+        help="Keep only these classes of --var's class embedding (plus the null row), label i = "
+             "the i-th: comma-separated class indices (e.g. 3,1) or a file of one a line (# "
+             "comments); with --imagenet-root, class folder names (WordNet IDs) instead. "
+             "Default --var-out: models/var-d<depth>-imported-<n>classes.pt.")] = None,
+    imagenet_root: Annotated[Path | None, typer.Option(
+        help="ImageNet's train folder: its sorted sub-folders number the classes that "
+             "--class-rows names (labels then follow that sorted order).")] = None,
 ) -> None:
     """Import VAR's released VQ-VAE and/or transformer (sizes inferred, every key checked)."""
     _run("interop", action="import", vae=vae, var=var, tokenizer_out=tokenizer_out,
-         var_out=var_out, clusters=clusters)
+         var_out=var_out, clusters=clusters, class_rows=class_rows, imagenet_root=imagenet_root)
 
 
 @app.command("export-var")

@@ -54,9 +54,10 @@ def write_images(raw: RawData, cfg, workers: int) -> tuple[np.ndarray, list[dict
 
 def run(params: Params) -> None:
     cfg = params.data
+    # listed first: a data.classes the source cannot satisfy stops before anything changes
+    raw = load_source(cfg.source, cfg.root, cfg.download, cfg.classes, params.seed)
     for old in paths.PREPARED.glob("*.npy"):  # never pair old pixels with new splits
         old.unlink()
-    raw = load_source(cfg.source, cfg.root, cfg.download)
     kept, skipped = write_images(raw, cfg, cfg.workers)
     rows = np.nonzero(kept)[0]
     labels = raw.labels[torch.from_numpy(rows)]
@@ -73,8 +74,11 @@ def run(params: Params) -> None:
         counts[name] = {"total": len(index),
                         "per_class": dict(zip(raw.classes, per_class, strict=True))}
     save_json(skipped, paths.PREPARED / paths.SKIPPED)
+    # data.classes is recorded when it selects (classes.json lists the classes kept); left out
+    # when null, so the record of a run that selects nothing is the same file as before the key
+    unrecorded = {"workers"} | ({"classes"} if cfg.classes is None else set())
     save_json({"source": cfg.source, "seed": params.seed,
-               **params.data.model_dump(exclude={"workers"})}, paths.PREPARED / paths.RECORD)
+               **params.data.model_dump(exclude=unrecorded)}, paths.PREPARED / paths.RECORD)
     save_json({"source": cfg.source, "images": int(kept.sum()), "classes": len(raw.classes),
                "skipped": len(skipped), "splits": counts}, paths.metrics("prepare"))
 

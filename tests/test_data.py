@@ -5,11 +5,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from pydantic import ValidationError
 
 from tests.project import copy_project, params_from_yaml, run
 from up.core.errors import StageError
-from up.data.sources import conform, decoded, load_imagefolder, load_source, read_image, stratified_split
+from up.core.params import ParamsError
+from up.data.sources import (
+    conform,
+    decoded,
+    load_imagefolder,
+    load_source,
+    read_image,
+    select_classes,
+    stratified_split,
+)
 from up.data.splits import DiskArray, array_writer, load_image_split
 
 
@@ -174,3 +185,117 @@ def test_interrupted_array_writer_leaves_no_file(tmp_path):
         out.write(0, np.ones((2, 2), dtype=np.uint8))
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+# -- data.classes: a subset of the classes ---------------------------------------------
+
+ANIMALS = ("ant", "bee", "cat", "dog", "eel", "fox")
+
+
+def _animal_folder(root, per_class=3):
+    """Six classes of ``per_class`` PNGs; each image's value tells its class."""
+    for c, name in enumerate(ANIMALS):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            _write_png(root / name / f"{i}.png", 40 * c + i)
+    return root
+
+
+def _pixel_classes(raw):
+    """The class each listed file's pixels say it belongs to."""
+    return [ANIMALS[int(read_image(path)[0, 0, 0]) // 40] for path in raw.items]
+
+
+def test_classes_by_name_keep_the_folder_order(tmp_path):
+    root = _animal_folder(tmp_path / "images")
+    raw = load_source("imagefolder", root, False, ["fox", "bee", "dog"], seed=0)
+    assert raw.classes == ["bee", "dog", "fox"]  # the folder order, not the list's
+    assert raw.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert _pixel_classes(raw) == [raw.classes[label] for label in raw.labels.tolist()]
+    everything = load_source("imagefolder", root, False, None, seed=0)
+    assert everything.classes == list(ANIMALS) and len(everything.items) == 18
+
+
+def test_classes_from_a_file_read_from_the_project_root(tmp_path, monkeypatch):
+    root = _animal_folder(tmp_path / "images")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "three.txt").write_text("# a comment\nfox\n\n  bee  \ndog\n")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    by_file = load_source("imagefolder", root, False, "lists/three.txt", seed=0)
+    by_name = load_source("imagefolder", root, False, ["fox", "bee", "dog"], seed=0)
+    assert by_file.classes == by_name.classes and by_file.items == by_name.items
+    assert torch.equal(by_file.labels, by_name.labels)
+    (tmp_path / "lists" / "twice.txt").write_text("fox\nbee\nfox\n")
+    for name, says in [("missing.txt", "cannot read the file"), ("twice.txt", "'fox' listed more")]:
+        with pytest.raises(ParamsError, match=says) as err:
+            load_source("imagefolder", root, False, f"lists/{name}", seed=0)
+        assert len(err.value.lines) == 1 and "data.classes" in err.value.lines[0]
+
+
+def test_classes_by_count_are_drawn_with_the_seed(tmp_path):
+    root = _animal_folder(tmp_path / "images")
+    drawn = {seed: load_source("imagefolder", root, False, 3, seed=seed).classes for seed in range(6)}
+    assert all(len(c) == 3 and c == sorted(c) and set(c) <= set(ANIMALS) for c in drawn.values())
+    assert load_source("imagefolder", root, False, 3, seed=4).classes == drawn[4]  # deterministic
+    assert len({tuple(c) for c in drawn.values()}) > 1  # and a function of the seed
+    assert select_classes(list(ANIMALS), 6, 0, "x") == list(range(6))
+    with pytest.raises(ParamsError, match="has 6 classes"):
+        select_classes(list(ANIMALS), 7, 0, "x")
+
+
+def test_classes_of_an_in_memory_source(tmp_path):
+    """Every source selects: digits' classes are named 0..9 (YAML numbers are names too)."""
+    data = params_from_yaml(data={"source": "digits", "classes": [7, 3]}).data
+    assert data.classes == ["7", "3"]
+    raw = load_source(data.source, data.root, data.download, data.classes, seed=0)
+    full = load_source("digits", data.root, False)
+    assert raw.classes == ["3", "7"] and set(raw.labels.tolist()) == {0, 1}
+    kept = torch.nonzero((full.labels == 3) | (full.labels == 7)).flatten().tolist()
+    assert all(torch.equal(raw.items[i], full.items[k]) for i, k in enumerate(kept))
+    assert torch.equal(raw.labels, (full.labels[kept] == 7).long())
+    assert load_source("digits", data.root, False, 4, seed=1).classes == \
+        [full.classes[i] for i in select_classes(full.classes, 4, 1, "digits")]
+
+
+@pytest.mark.parametrize("value, says", [
+    (1, "at least 2"), (True, "a count, a list"), (["cat"], "at least 2"),
+    (["cat", "cat", "dog"], "more than once"), (["cat", " "], "blank class name"),
+    ("", "empty file path"), (2.5, "classes"),
+])
+def test_bad_class_selections_are_params_errors(value, says):
+    with pytest.raises(ValidationError, match=says):
+        params_from_yaml(data={"classes": value})
+
+
+def test_prepare_stage_with_a_missing_class_writes_nothing(tmp_path):
+    """A class the folder lacks: one line naming it, exit 2 (a parameter error), nothing
+    written; fixed, the stage records the classes it kept."""
+    root = _animal_folder(tmp_path / "images")
+    project = copy_project(tmp_path / "p", {"data": {
+        "source": "imagefolder", "root": str(root), "channels": 3, "image_size": 8, "fit": "resize",
+        "preview_per_class": 2, "classes": ["dog", "zebra", "ant", "yak"]}})
+    done = run(["up", "prepare"], project, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        "error: params.yaml: data.classes = ['dog', 'zebra', 'ant', 'yak']: class 'zebra' (and 1 "
+        f"more of the 4) is not a class of imagefolder {root}"]
+    assert not any((project / d).exists() for d in ("data", "metrics", "plots/prepare"))
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["classes"] = ["dog", "ant"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["up", "prepare"], project)
+    prepared = project / "data/prepared"
+    assert json.loads((prepared / "classes.json").read_text()) == ["ant", "dog"]
+    assert json.loads((prepared / "params.json").read_text())["classes"] == ["dog", "ant"]
+    assert json.loads((project / "metrics/prepare.json").read_text())["classes"] == 2
+    train = load_image_split(prepared, "train")
+    assert train.classes == ["ant", "dog"] and set(train.labels.tolist()) == {0, 1}
+    assert set((train.images[:][:, 0, 0, 0] // 40).tolist()) == {0, 3}  # ant's and dog's pixels
+
+
+def test_prepare_record_has_no_classes_key_when_all_are_used(tmp_path):
+    """data.classes: null leaves data/prepared as it was before the key existed."""
+    project = copy_project(tmp_path / "p", {"data": {"source": "digits", "image_size": 8}})
+    run(["up", "prepare"], project)
+    assert "classes" not in json.loads((project / "data/prepared/params.json").read_text())

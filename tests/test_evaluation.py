@@ -2,7 +2,9 @@
 diversity and the selective-generation bookkeeping."""
 
 import math
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -26,6 +28,8 @@ from up.evaluation.fidelity import (
     compute_quality,
     extract_features,
     frechet_distance,
+    frechet_distance_to_stats,
+    load_reference_stats,
 )
 from up.evaluation.selective import (
     class_accuracy,
@@ -330,3 +334,48 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     corr = json.loads((plots / "score_correlation.json").read_text())
     assert len(corr) == 100
     print(f"evaluate stage: {elapsed:.1f} s")
+
+
+def _adm_reference_batch(path, images: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """An .npz laid out as the ADM evaluation suite's reference batches
+    (guided-diffusion's VIRTUAL_imagenet256_labeled.npz): arr_0 the uint8 images (N, H, W, 3),
+    mu and sigma their Inception pool statistics."""
+    np.savez(path, arr_0=images, mu=mu, sigma=sigma)
+
+
+def test_fid_against_an_adm_reference_batch_by_hand(tmp_path):
+    """evaluate.reference_stats takes the ADM suite's .npz as it is: mu and sigma are read,
+    the images (arr_0) ignored and never read; the FID equals the formula computed by hand
+    (scipy's matrix square root)."""
+    from scipy import linalg
+
+    dim, rng = 12, np.random.default_rng(0)
+    real = rng.normal(size=(50, dim)) @ rng.normal(size=(dim, dim)) + 0.5
+    mu, sigma = real.mean(0), np.cov(real, rowvar=False)
+    gen = torch.from_numpy(rng.normal(size=(40, dim)) * 1.3)
+    images = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    _adm_reference_batch(tmp_path / "VIRTUAL_tiny_labeled.npz", images, mu, sigma)
+    with np.load(tmp_path / "VIRTUAL_tiny_labeled.npz") as npz:
+        assert sorted(npz.files) == ["arr_0", "mu", "sigma"]
+
+    # the same archive with arr_0 an .npy whose header no reader can parse: must never be read
+    unread = tmp_path / "unread.npz"
+    broken = b"\x93NUMPY\x01\x00\x10\x00{'descr': broken"
+    with zipfile.ZipFile(tmp_path / "VIRTUAL_tiny_labeled.npz") as src, \
+            zipfile.ZipFile(unread, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, broken if name == "arr_0.npy" else src.read(name))
+    with np.load(unread) as npz, pytest.raises(Exception):  # noqa: B017 - any parse error
+        npz["arr_0"]
+
+    g = gen.numpy()
+    mu_g, sigma_g = g.mean(0), np.cov(g, rowvar=False)
+    covmean = linalg.sqrtm(sigma_g @ sigma).real
+    by_hand = float(((mu_g - mu) ** 2).sum() + np.trace(sigma_g) + np.trace(sigma)
+                    - 2 * np.trace(covmean))
+    assert by_hand > 1
+    for path in (tmp_path / "VIRTUAL_tiny_labeled.npz", unread):
+        loaded_mu, loaded_sigma = load_reference_stats(path, dim)
+        assert np.array_equal(loaded_mu.numpy(), mu) and np.array_equal(loaded_sigma.numpy(), sigma)
+        assert frechet_distance_to_stats(gen, loaded_mu, loaded_sigma) == \
+            pytest.approx(by_hand, rel=1e-9)

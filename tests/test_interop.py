@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.interop import export_checkpoints, import_checkpoints
+from stages.interop import export_checkpoints, import_checkpoints, parse_class_rows
 from up.core.errors import StageError
 from up.core.io import save_torch
 from up.generation.sampler import sample
@@ -29,6 +29,7 @@ from up.models.interop import (
     import_var,
     infer_vae_config,
     infer_var_config,
+    select_class_rows,
     shapes_of,
 )
 from up.models.tokenizer import (
@@ -272,3 +273,156 @@ def test_import_command_reports_bad_input_in_one_line(project):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing key 'class_emb.weight'" in lines[0]
+
+
+# -- a subset of the classes (--class-rows) -----------------------------------------
+
+def test_class_rows_cut_the_embedding_and_nothing_else(models, var_state, ref):
+    """Rows [3, 1] of the 10-class fixture: a 2-class model whose label 0 is the
+    full model's class 3 (same logits), whose null class is the full model's, and
+    whose other weights are the same tensors."""
+    full, _ = models
+    cut = select_class_rows(var_state, [3, 1])
+    assert list(cut) == list(var_state)
+    assert torch.equal(cut["class_emb.weight"], var_state["class_emb.weight"][[3, 1, 10]])
+    assert all(cut[k] is v for k, v in var_state.items() if k != "class_emb.weight")
+    sub = import_var(cut)
+    assert sub.num_classes == 2 and infer_var_config(cut)["num_classes"] == 2
+    full_state = full.state_dict()
+    for key, value in sub.state_dict().items():
+        if key != "class_emb.weight":
+            assert torch.equal(value, full_state[key]), key
+    x = ref["var_input"]
+    with torch.no_grad():
+        for ours, theirs in [([0, 1], [3, 1]), ([1, 0], [1, 3]), ([2, 2], [10, 10])]:
+            torch.testing.assert_close(sub(torch.tensor(ours), x), full(torch.tensor(theirs), x),
+                                       atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([], "no class rows given"),
+    ([10], r"class index 10 is out of range: the class embedding has classes 0\.\.9"),
+    ([-1], "class index -1 is out of range"),
+    ([3, 1, 3], "class index 3 is listed more than once"),
+    (["3"], "'3' is not an integer"),
+])
+def test_bad_class_rows_stop_before_any_weight(var_state, rows, message):
+    with pytest.raises(StageError, match=message):
+        select_class_rows(var_state, rows)
+
+
+def test_class_rows_specs(tmp_path):
+    """A comma list or a file of indices (# comments) in our label order; bad
+    entries are one-line errors naming the entry."""
+    assert parse_class_rows("3,1", None, 10) == [3, 1]
+    assert parse_class_rows(" 7 , 0 ,", None, 10) == [7, 0]
+    spec = tmp_path / "rows.txt"
+    spec.write_text("# label order: cat, dog\n3  # a cat class\n\n1\n")
+    assert parse_class_rows(str(spec), None, 10) == [3, 1]
+    for bad, message in [("3,x", r"'x' is not an integer class index \(class names such as "
+                                  r"WordNet IDs need --imagenet-root\)"),
+                         ("2.0", "'2.0' is not an integer"),
+                         ("", "no class rows given"),
+                         (",", "no class rows given"),
+                         ("4,4", "class index 4 is listed more than once"),
+                         ("0,10", "class index 10 is out of range"),
+                         (str(tmp_path / "missing.txt"), "missing.txt: no such file")]:
+        with pytest.raises(StageError, match=message):
+            parse_class_rows(bad, None, 10)
+    spec.write_text("# nothing but comments\n")
+    with pytest.raises(StageError, match=r"--class-rows file .*rows\.txt: no class rows given"):
+        parse_class_rows(str(spec), None, 10)
+
+
+def _fake_imagenet(root: Path, count: int) -> list[str]:
+    """``count`` empty WordNet-ID folders, made out of order; returns them sorted."""
+    wnids = [f"n{1440764 + 97 * i:08d}" for i in range(count)]
+    for wnid in reversed(wnids):
+        (root / wnid).mkdir(parents=True)
+    (root / "README.txt").write_text("a file, not a class")
+    return sorted(wnids)
+
+
+def test_wordnet_ids_map_through_the_sorted_train_folder(tmp_path):
+    """With --imagenet-root, names are folder positions in sorted order; labels
+    follow that order (as data.classes relabels), so the rows come out ascending."""
+    wnids = _fake_imagenet(tmp_path / "train", 10)
+    spec = tmp_path / "subset.txt"
+    spec.write_text(f"# a subset\n{wnids[7]}\n{wnids[2]}\n{wnids[5]}  # trailing comment\n")
+    assert parse_class_rows(str(spec), tmp_path / "train", 10) == [2, 5, 7]
+    assert parse_class_rows(f"{wnids[9]},{wnids[0]}", tmp_path / "train", 10) == [0, 9]
+    with pytest.raises(StageError, match=r"class 'n99999999' is not a folder of --imagenet-root"):
+        parse_class_rows(f"{wnids[1]},n99999999", tmp_path / "train", 10)
+    with pytest.raises(StageError, match=f"class '{wnids[1]}' is listed more than once"):
+        parse_class_rows(f"{wnids[1]},{wnids[1]}", tmp_path / "train", 10)
+    with pytest.raises(StageError, match="has 10 class folders, the class embedding 1000 classes"):
+        parse_class_rows(str(spec), tmp_path / "train", 1000)
+    with pytest.raises(StageError, match="is not a folder"):
+        parse_class_rows(str(spec), tmp_path / "nowhere", 10)
+
+
+def test_import_command_with_class_rows(project, models, ref):
+    """`up import-var --class-rows` writes a checkpoint of len(rows) classes that
+    loads like any other (default name marks the subset); WordNet IDs work the
+    same through --imagenet-root; bad specs are one line, exit 1."""
+    full, _ = models
+    (project / "rows.txt").write_text("3\n1\n")
+    result = CliRunner().invoke(app, ["import-var", "--var", str(FIXTURE / "var.pth"),
+                                      "--class-rows", "rows.txt"])
+    assert result.exit_code == 0, result.output
+    assert "wrote models/var-d2-imported-2classes.pt" in result.stdout
+    sub = load_var("models/var-d2-imported-2classes.pt")
+    assert sub.num_classes == 2
+    saved = torch.load("models/var-d2-imported-2classes.pt", weights_only=True)
+    assert saved["variant"]["class_rows"] == [3, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(sub(torch.tensor([0, 2]), ref["var_input"]),
+                                   full(torch.tensor([3, 10]), ref["var_input"]), atol=0, rtol=0)
+
+    wnids = _fake_imagenet(project / "imagenet" / "train", 10)
+    (project / "wnids.txt").write_text(f"{wnids[6]}\n{wnids[4]}\n")
+    result = CliRunner().invoke(app, ["import-var", "--var", str(FIXTURE / "var.pth"),
+                                      "--class-rows", "wnids.txt", "--imagenet-root",
+                                      "imagenet/train", "--var-out", "models/var-subset.pt"])
+    assert result.exit_code == 0, result.output
+    saved = torch.load("models/var-subset.pt", weights_only=True)
+    assert saved["variant"]["class_rows"] == [4, 6] and saved["config"]["num_classes"] == 2
+    assert torch.equal(saved["state_dict"]["class_emb.weight"],
+                       full.class_emb.weight[[4, 6, 10]])
+
+    for args, message in [(["--class-rows", "3,3"], "class index 3 is listed more than once"),
+                          (["--class-rows", "12"], "class index 12 is out of range"),
+                          (["--class-rows", "3,cat"], "'cat' is not an integer class index"),
+                          (["--class-rows", "wnids.txt"], f"'{wnids[6]}' is not an integer"),
+                          (["--class-rows", "n00000000", "--imagenet-root", "imagenet/train"],
+                           "class 'n00000000' is not a folder of --imagenet-root")]:
+        result = CliRunner().invoke(app, ["import-var", "--var", str(FIXTURE / "var.pth"), *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.stderr
+    result = CliRunner().invoke(app, ["import-var", "--vae", str(FIXTURE / "vae.pth"),
+                                      "--class-rows", "3,1"])
+    assert result.exit_code == 1 and "give --var too" in result.stderr
+
+
+def test_paper_profiles_class_rows_fit_var_d16(tmp_path):
+    """The profiles' import commands on var_d16's shapes: profiles/imagenet100.txt
+    through a 1000-folder train root gives its 100 rows in sorted-WNID order, and the
+    cut embedding makes a 100-class (AFHQ: 3-class) d16, all else as released."""
+    from up.data.sources import read_class_file
+
+    wnids = read_class_file(ROOT / "profiles/imagenet100.txt")
+    others = [f"n{i:08d}" for i in range(1000 - len(wnids))]  # below every real WNID
+    for name in wnids + others:
+        (tmp_path / "train" / name).mkdir(parents=True)
+    rows = parse_class_rows(str(ROOT / "profiles/imagenet100.txt"), tmp_path / "train", 1000)
+    assert rows == [900 + i for i in range(100)]  # the 100 sort after the 900 fillers
+    manifest = MANIFEST["var_d16"]
+    for spec, root, classes in [(str(ROOT / "profiles/imagenet100.txt"), tmp_path / "train", 100),
+                                ("281,207,291", None, 3)]:
+        state = {k: torch.empty(0) if k != "class_emb.weight" else torch.zeros(shape)
+                 for k, shape in manifest.items()}
+        cut = select_class_rows(state, parse_class_rows(spec, root, 1000))
+        shapes = {**manifest, "class_emb.weight": list(cut["class_emb.weight"].shape)}
+        config = infer_var_config(shapes)
+        assert config["num_classes"] == classes and config["depth"] == 16
+        assert shapes_of(export_var(build_var(config, "meta"))) == shapes_of(shapes)

@@ -1,6 +1,7 @@
 """The profiles are complete, valid params files that resolve the pipeline; the
 scale-up ones build the models they promise, fit one 80 GB GPU, and state what they need."""
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from bench.profile_estimate import (
     GB,
     GPU_GB,
     Probe,
+    default_classes,
     estimate,
     load_profile,
     tokenizer_step,
@@ -20,6 +22,7 @@ from bench.profile_estimate import (
 )
 from tests.project import copy_project, run
 from up.core.params import load_params
+from up.data.sources import read_class_file
 from up.models.transformer import VAR
 from up.training.tokenizer import build_tokenizer
 
@@ -123,7 +126,10 @@ def estimates():
     def get(path: Path):
         if path not in cache:
             params = load_profile(path)
-            cache[path] = params, estimate(params)[0]
+            with pytest.MonkeyPatch.context() as mp:  # a data.classes file: from the project root
+                mp.chdir(ROOT)
+                mp.delenv("DVC_ROOT", raising=False)
+                cache[path] = params, estimate(params)[0]
         return cache[path]
 
     return get
@@ -204,15 +210,58 @@ def _stated(header: str, component: str) -> list[str]:
     return re.split(r"\s{2,}", line[4:].strip())
 
 
-def test_imagenet_profile_states_its_estimate(estimates):
+# Profiles whose header states the estimate (the others may, and are then checked too).
+ESTIMATED = ("imagenet256-d16", "imagenet100-var-d16-finetune", "afhq256-var-d16-finetune")
+STATING = sorted({p for p in PROFILES if p.stem in ESTIMATED
+                  or "python bench/profile_estimate.py" in p.read_text().split("\nseed:")[0]})
+
+
+@pytest.mark.parametrize("path", STATING, ids=[p.stem for p in STATING])
+def test_profile_states_its_estimate(path, estimates):
     """The header's table is what the script prints for the profile as it is now (to 5 %):
-    change a size or a batch and the stated memory and hours must be regenerated."""
-    path = ROOT / "profiles/imagenet256-d16.yaml"
+    change a size, a batch or the classes and the stated memory and hours must be regenerated."""
     header = path.read_text().split("\nseed:")[0]
-    assert "python bench/profile_estimate.py profiles/imagenet256-d16.yaml" in header
-    _, rows = estimates(path)
+    assert f"python bench/profile_estimate.py profiles/{path.name}" in header
+    params, rows = estimates(path)
+    assert f"#   world {world_size(params.launcher)} ({params.launcher}); " \
+           f"{default_classes(params)} classes;" in header
     for row in rows:
         cells = _stated(header, row.component)
         assert int(cells[2]) == row.micro_batch, row.component
         assert float(cells[5]) == pytest.approx(row.total / GB, rel=0.05, abs=0.1), row.component
-        assert float(cells[7]) == pytest.approx(row.hours, rel=0.05), row.component
+        assert float(cells[7]) == pytest.approx(row.hours, rel=0.05, abs=1e-6), row.component
+
+
+# sha256 of https://github.com/HobbitLong/CMC/blob/master/imagenet100.txt (commit bc687a2):
+# 100 WordNet IDs, one a line, each ended by a newline.
+CMC_IMAGENET100_SHA256 = "79f3f1552ccc478ce24bd934b4573625db584ddc1f4643ae23c994a94cb11397"
+
+
+def test_imagenet100_is_cmc_list(tmp_path, monkeypatch):
+    """profiles/imagenet100.txt is CMC's ImageNet-100 list (its # lines aside), and the
+    profile selects it, its 100 classes, from ImageNet-1k's folders."""
+    text = (ROOT / "profiles/imagenet100.txt").read_text()
+    ids = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(ids) == len(set(ids)) == 100 and all(re.fullmatch(r"n\d{8}", i) for i in ids)
+    assert hashlib.sha256("".join(f"{i}\n" for i in ids).encode()).hexdigest() == \
+        CMC_IMAGENET100_SHA256
+    monkeypatch.chdir(ROOT)
+    assert read_class_file("profiles/imagenet100.txt") == ids
+    params = _load(ROOT / "profiles/imagenet100-var-d16-finetune.yaml", tmp_path, monkeypatch)
+    assert params.data.classes == "profiles/imagenet100.txt" and params.data.image_size == 256
+
+
+def test_paper_profiles_fine_tune_var_d16_untruncated(tmp_path, monkeypatch):
+    """The paper's settings: VAR-d16 from the released weights, 256 px, every variant plus
+    the derived ce+ts, sampled untruncated (the truncated pass is an experiment: header)."""
+    for name in ("imagenet100-var-d16-finetune", "afhq256-var-d16-finetune"):
+        path = ROOT / f"profiles/{name}.yaml"
+        params = _load(path, tmp_path, monkeypatch)
+        assert params.data.source == "imagefolder" and params.data.image_size == 256
+        assert params.tokenizer.init_from and params.train.init_from
+        assert (params.transformer.depth, params.transformer.width) == (16, 1024)
+        assert set(params.variants) == {"ce", "ls", "lr", "up"} and set(params.derived) == {"ce+ts"}
+        assert (params.sample.top_k, params.sample.top_p) == (0, 1.0)
+        assert "-S sample.top_k=900 -S sample.top_p=0.95" in path.read_text().split("\nseed:")[0]
+    afhq = _load(ROOT / "profiles/afhq256-var-d16-finetune.yaml", tmp_path, monkeypatch)
+    assert afhq.data.classes == ["cat", "dog", "wild"]

@@ -18,7 +18,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -47,6 +54,38 @@ class DataParams(Section):
     preview_per_class: int = Field(ge=1, le=64)
     preview_classes: int = Field(ge=1, le=100)  # preview rows: at most this many classes
     workers: int = Field(ge=1, le=256)  # image decode processes (imagefolder); no effect on outputs
+    # A subset of the source's classes (any source; up/data/sources.py `select_classes`):
+    # null = all; a count = that many drawn with `seed`; a list of class names; or the path
+    # (relative to the project root) of a file of names, one a line. Labels keep the source's
+    # class order; data/prepared/classes.json records the classes used.
+    classes: int | list[str] | str | None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_selection(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("give null, a count, a list of class names or a file path")
+        if isinstance(value, list):  # numeric class names (mnist's 0..9) as written in YAML
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("classes", mode="after")
+    @classmethod
+    def _classes_valid(cls, selection: int | list[str] | str | None) -> int | list[str] | str | None:
+        if isinstance(selection, int) and selection < 2:
+            raise ValueError("select at least 2 classes")
+        if isinstance(selection, list):
+            if len(selection) < 2:
+                raise ValueError("select at least 2 classes")
+            blank = [name for name in selection if not name.strip()]
+            if blank:
+                raise ValueError(f"blank class name {blank[0]!r}")
+            repeated = sorted({name for name in selection if selection.count(name) > 1})
+            if repeated:
+                raise ValueError(f"{repeated} listed more than once")
+        if isinstance(selection, str) and not selection.strip():
+            raise ValueError("empty file path (null selects every class)")
+        return selection
 
 
 class TokenizerParams(Section):

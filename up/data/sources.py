@@ -6,6 +6,11 @@ side length in order, with a pool of worker processes for files, and
 `stratified_split` makes a seeded per-class split, so a source is the only
 thing a new dataset needs. Nothing here holds more than a window of decoded
 images, so a source may be larger than RAM.
+
+``data.classes`` keeps a subset of any source's classes (`select_classes`): a
+list of names, a file of names, or a count drawn with ``seed``. The kept
+classes keep the source's order (labels 0..k-1 follow it, whatever the order of
+the list); an imagefolder lists only the kept folders' files.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from up.core.errors import StageError
+from up.core.params import ParamsError, project_root
+
+ClassSelection = int | list[str] | str | None  # data.classes (checked by DataParams)
 
 
 @dataclass
@@ -88,13 +96,17 @@ def load_torchvision(name: str, root: Path, download: bool) -> RawData:
     return _from_array(np.concatenate(arrays), labels, list(parts[0].classes))
 
 
-def load_imagefolder(root: Path) -> RawData:
-    """root/<class>/<image>: the files are listed here and decoded by `decoded`."""
+def load_imagefolder(root: Path, classes: ClassSelection = None, seed: int = 0) -> RawData:
+    """root/<class>/<image>: the files are listed here and decoded by `decoded`; with
+    ``classes`` (data.classes) only the selected class folders are listed."""
     if not root.is_dir():
         raise StageError(f"imagefolder: data.root {root} is not a folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise StageError(f"imagefolder: {root} has no class sub-folders")
+    if classes is not None:
+        keep = select_classes([d.name for d in class_dirs], classes, seed, f"imagefolder {root}")
+        class_dirs = [class_dirs[i] for i in keep]
     items, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.rglob("*") if p.is_file())
@@ -174,17 +186,83 @@ def _numbered(results: Iterator[list[DecodeResult]]
             number += 1
 
 
-def load_source(source: str, root: str | Path, download: bool) -> RawData:
-    """The items of ``data.source`` (``root``: the torchvision cache or the image folder)."""
-    if source == "mnist5k":
-        return load_mnist5k()
-    if source == "digits":
-        return load_digits()
-    if source in ("mnist", "fashion-mnist", "cifar10"):
-        return load_torchvision(source, Path(root), download)
+def load_source(source: str, root: str | Path, download: bool, classes: ClassSelection = None,
+                seed: int = 0) -> RawData:
+    """The items of ``data.source`` (``root``: the torchvision cache or the image folder),
+    restricted to the classes ``data.classes`` selects (``seed`` draws a count)."""
     if source == "imagefolder":
-        return load_imagefolder(Path(root))
-    raise StageError(f"unknown data source {source!r}")
+        return load_imagefolder(Path(root), classes, seed)
+    if source == "mnist5k":
+        raw = load_mnist5k()
+    elif source == "digits":
+        raw = load_digits()
+    elif source in ("mnist", "fashion-mnist", "cifar10"):
+        raw = load_torchvision(source, Path(root), download)
+    else:
+        raise StageError(f"unknown data source {source!r}")
+    if classes is None:
+        return raw
+    return keep_classes(raw, select_classes(raw.classes, classes, seed, source))
+
+
+# --------------------------------------------------------------------------
+# data.classes: a subset of the classes
+
+
+def _selection_error(selection: ClassSelection, why: str) -> ParamsError:
+    """The one line a stage prints for a selection the data cannot satisfy (exit 2, as
+    for any bad parameter: the fix is in params.yaml or the data, and nothing is written)."""
+    return ParamsError([f"params.yaml: data.classes = {selection!r}: {why}"])
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """The class names of a data.classes file: one a line; blank lines and lines starting
+    with # are skipped; a relative path is read from the project root."""
+    file = Path(path)
+    file = file if file.is_absolute() else project_root() / file
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _selection_error(str(path), f"cannot read the file of class names ({exc})") from None
+    names = [line.strip() for line in lines]
+    names = [name for name in names if name and not name.startswith("#")]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise _selection_error(str(path), f"{repeated[0]!r} listed more than once")
+    if len(names) < 2:
+        raise _selection_error(str(path), f"{len(names)} class name(s) in the file, need at least 2")
+    return names
+
+
+def select_classes(available: list[str], selection: ClassSelection, seed: int,
+                   where: str) -> list[int]:
+    """Ascending indices into ``available`` (the source's classes, in its order) of the
+    classes ``selection`` keeps: all (None), ``selection`` of them drawn by a permutation
+    seeded with ``seed`` (int), the named ones (a list), or those named in a file (str).
+    A name the source lacks, or a count above its classes, is a one-line ParamsError."""
+    if selection is None:
+        return list(range(len(available)))
+    if isinstance(selection, int):
+        if not 2 <= selection <= len(available):
+            raise _selection_error(selection, f"{where} has {len(available)} classes")
+        order = torch.randperm(len(available), generator=torch.Generator().manual_seed(seed))
+        return sorted(order[:selection].tolist())
+    names = selection if isinstance(selection, list) else read_class_file(selection)
+    index = {name: i for i, name in enumerate(available)}
+    missing = [name for name in names if name not in index]
+    if missing:
+        more = f" (and {len(missing) - 1} more of the {len(names)})" if len(missing) > 1 else ""
+        raise _selection_error(selection, f"class {missing[0]!r}{more} is not a class of {where}")
+    return sorted(index[name] for name in names)
+
+
+def keep_classes(raw: RawData, keep: list[int]) -> RawData:
+    """The items of the classes ``keep`` (ascending source indices), relabelled 0..k-1."""
+    relabel = torch.full((len(raw.classes),), -1, dtype=torch.int64)
+    relabel[torch.tensor(keep, dtype=torch.int64)] = torch.arange(len(keep))
+    labels = relabel[raw.labels]
+    rows = torch.nonzero(labels >= 0).flatten().tolist()
+    return RawData([raw.items[i] for i in rows], labels[rows], [raw.classes[i] for i in keep])
 
 
 def _to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:

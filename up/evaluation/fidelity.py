@@ -252,8 +252,10 @@ def frechet_distance_to_stats(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Te
 def load_reference_stats(path: str | Path, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, sigma) of an .npz with arrays ``mu`` (dim,) and ``sigma`` (dim, dim), e.g. the
     2048-d Inception pool statistics published with a benchmark's reference batch
-    (guided-diffusion's VIRTUAL_imagenet256_labeled.npz). Checked before any work, so a
-    wrong file fails in seconds: missing, unreadable, or of another feature width."""
+    (guided-diffusion's VIRTUAL_imagenet256_labeled.npz). Other arrays are ignored and never
+    read: np.load opens an .npz lazily, so the ADM suite's images (``arr_0``, about 2 GB)
+    stay on disk. Checked before any work, so a wrong file fails in seconds: missing,
+    unreadable, or of another feature width."""
     where = f"evaluate.reference_stats {path}"
     if not Path(path).is_file():
         raise StageError(f"{where}: file not found")

@@ -37,9 +37,12 @@ def guidance_ratio(guidance: float, schedule: str, k: int, num_scales: int) -> f
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Mask to -inf the codes outside the top-k (0 = off) and outside the
     smallest set of probability mass >= top_p (1 = off); VAR's rule, so the
-    most likely code always survives."""
-    logits = logits.clone()
+    most likely code always survives. Without truncation the logits are returned as they
+    are (no copy); with it, a masked copy."""
     V = logits.shape[-1]
+    if not (0 < top_k < V or top_p < 1.0):
+        return logits
+    logits = logits.clone()
     if 0 < top_k < V:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits.masked_fill_(logits < kth, -torch.inf)

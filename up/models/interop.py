@@ -13,13 +13,16 @@ widths, multipliers and residual blocks; the scale layout from VAR's
 ``lvl_1L`` buffer), and a state dict is accepted only if it has exactly the
 keys and shapes our model of that size exports: the first missing,
 unexpected or mis-shaped key is named in a StageError.
+
+`select_class_rows` cuts a transformer's class embedding to a subset of its
+classes (fine-tuning a released ImageNet model on fewer classes).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -288,6 +291,42 @@ def import_var(state: Mapping) -> VAR:
     ours = {k: state[_var_key_to_var(k)] for k in model.state_dict()}
     model.load_state_dict(ours)
     return model.eval()
+
+
+# -- a subset of the classes ----------------------------------------------------
+
+def check_class_rows(rows: Sequence, classes: int) -> list[int]:
+    """``rows`` as a list of ints, each a class row 0..classes-1 and none twice;
+    else a one-line StageError naming the first bad entry."""
+    if len(rows) == 0:
+        raise StageError("--class-rows: no class rows given")
+    seen: set[int] = set()
+    for row in rows:
+        if isinstance(row, bool) or not isinstance(row, int):
+            raise StageError(f"--class-rows: {row!r} is not an integer class index")
+        if not 0 <= row < classes:
+            raise StageError(f"--class-rows: class index {row} is out of range: the class "
+                             f"embedding has classes 0..{classes - 1} (row {classes} is the "
+                             f"null class, kept last)")
+        if row in seen:
+            raise StageError(f"--class-rows: class index {row} is listed more than once")
+        seen.add(row)
+    return list(rows)
+
+
+def select_class_rows(state: Mapping, rows: Sequence[int]) -> dict:
+    """VAR's transformer state dict with its class embedding cut to ``rows``:
+    label i of the result is row ``rows[i]`` of ``state`` and the null class
+    (the last row) stays last, so `import_var` infers ``num_classes =
+    len(rows)``. Every other entry is ``state``'s own tensor, in its order."""
+    what = "VAR transformer state dict"
+    weight = state.get("class_emb.weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise StageError(f"{what}: missing key 'class_emb.weight'; is this a VAR state dict?")
+    classes = weight.shape[0] - 1
+    keep = check_class_rows(rows, classes) + [classes]
+    cut = weight.index_select(0, torch.tensor(keep, dtype=torch.int64, device=weight.device))
+    return {k: cut if k == "class_emb.weight" else v for k, v in state.items()}
 
 
 def check_pair(tokenizer: MultiScaleVQVAE, var: VAR) -> None:

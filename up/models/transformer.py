@@ -55,7 +55,9 @@ class SelfAttention(nn.Module):
         if qk_norm:
             self.log_scale = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
         self.caching = False
-        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cache_len = 0  # positions the KV cache holds when full (the model's L)
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values (B, H, L, d)
+        self.cached = 0  # positions filled so far
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, L, W = x.shape
@@ -68,12 +70,23 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
             scale = 1.0
         if self.caching:
-            if self.cache is not None:
-                k = torch.cat((self.cache[0], k), dim=2)
-                v = torch.cat((self.cache[1], v), dim=2)
-            self.cache = (k, v)
+            k, v = self._cached(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, W))
+
+
+    def _cached(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every position so far: this scale's are written into
+        buffers allocated once for the whole sequence (no copy of the earlier scales per
+        step, as concatenation would make), and views of the filled part are returned."""
+        if self.cache is None:
+            shape = (k.shape[0], k.shape[1], self.cache_len, k.shape[3])
+            self.cache = (k.new_empty(shape), v.new_empty(shape))
+        begin, end = self.cached, self.cached + k.shape[2]
+        self.cache[0][:, :, begin:end] = k
+        self.cache[1][:, :, begin:end] = v
+        self.cached = end
+        return self.cache[0][:, :, :end], self.cache[1][:, :, :end]
 
 
 class MLP(nn.Module):
@@ -100,9 +113,13 @@ class AdaLNBlock(nn.Module):
         self.mlp = MLP(width, round(width * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(gamma1, gamma2, scale1, scale2, shift1, shift2), each (B, 1, W): a function of
+        the class alone, so sampling computes it once per image, not once per scale."""
+        return self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
+
+    def forward(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], mask: torch.Tensor | None
                 ) -> torch.Tensor:
-        mod = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
         h = self.attn(self.norm(x).mul(scale1 + 1).add_(shift1), mask)
         x = x + self.drop_path(h * gamma1)
@@ -120,8 +137,12 @@ class AdaLNHead(nn.Module):
         self.norm = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
         self.out = nn.Linear(width, vocab_size)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.width).unbind(2)
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scale, shift), each (B, 1, W)."""
+        return self.ada_lin(cond).view(-1, 1, 2, self.width).unbind(2)
+
+    def forward(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        scale, shift = mod
         return self.out(self.norm(x).mul(scale + 1).add_(shift)).float()
 
 
@@ -169,6 +190,7 @@ class VAR(nn.Module):
         mask = scale_ids[:, None] >= scale_ids[None, :]
         self.register_buffer("attn_mask", mask, persistent=False)
         self._next_scale = 0
+        self._modulations: list[tuple[torch.Tensor, ...]] = []  # per block, while KV caching
         self._init_weights()
 
     @torch.no_grad()
@@ -216,8 +238,8 @@ class VAR(nn.Module):
         x = x + self.scale_embed(self.scale_ids[:end]) + self.pos_embed[:, :end]
         mask = self.attn_mask[:end, :end]
         for block in self.blocks:
-            x = block(x, cond, mask)
-        return self.head(x, cond)
+            x = block(x, block.modulation(cond), mask)
+        return self.head(x, self.head.modulation(cond))
 
     def _start(self, cond: torch.Tensor) -> torch.Tensor:
         return cond[:, None].expand(-1, self.first_l, -1) + self.pos_start
@@ -230,8 +252,9 @@ class VAR(nn.Module):
         ``forward_scale`` for k = 0, 1, ..., K-1 in order."""
         for block in self.blocks:
             block.attn.caching = enabled
-            block.attn.cache = None
+            block.attn.cache, block.attn.cached, block.attn.cache_len = None, 0, self.seq_len
         self._next_scale = 0
+        self._modulations: list[tuple[torch.Tensor, ...]] = []
 
     def forward_scale(self, k: int, labels: torch.Tensor, x_k: torch.Tensor | None
                       ) -> torch.Tensor:
@@ -240,20 +263,26 @@ class VAR(nn.Module):
         ``x_k`` is scale k's teacher-forcing input (B, p_k^2, C) (None for
         k = 0, whose input is the start token). The cache holds the keys and
         values of scales < k, all of which scale k may attend to, so no mask
-        is needed.
+        is needed. ``labels`` are read at k = 0; the class's embedding and
+        modulations are kept for the later scales of the same images.
         """
         if not self.blocks[0].attn.caching:
             raise RuntimeError("forward_scale needs enable_kv_cache(True) first")
         if k != self._next_scale:
             raise RuntimeError(f"forward_scale got scale {k}, expected {self._next_scale}")
-        cond = self.class_emb(labels)
-        x = self._start(cond) if k == 0 else self.word_embed(x_k.float())
+        if k == 0:  # the class conditions every scale: its embedding and modulations once
+            cond = self.class_emb(labels)
+            self._modulations = [block.modulation(cond) for block in self.blocks] \
+                + [self.head.modulation(cond)]
+            x = self._start(cond)
+        else:
+            x = self.word_embed(x_k.float())
         begin, end = self.begin_ends[k]
         x = x + self.scale_embed.weight[k] + self.pos_embed[:, begin:end]
-        for block in self.blocks:
-            x = block(x, cond, None)
+        for block, mod in zip(self.blocks, self._modulations[:-1], strict=True):
+            x = block(x, mod, None)
         self._next_scale = k + 1
-        return self.head(x, cond)
+        return self.head(x, self._modulations[-1])
 
 
 def load_var_and_temperatures(path: str | Path, ema: bool = True
