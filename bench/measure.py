@@ -35,3 +35,19 @@ def save_report(lines: list[str], out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+class Printed:
+    """Lines a benchmark prints, kept to be saved as its report (``--out``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self, out: Path | None, argv: list[str]) -> None:
+        """The command and its output as a markdown code block in ``out`` (None: skip)."""
+        if out is not None:
+            save_report(["```", f"$ python {' '.join(argv)}", *self.lines, "```"], out)

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 import torch
-from measure import cpu_model
+from measure import Printed, cpu_model
 
 from up.core.params import load_params
 from up.core.runtime import resolve_device, setup
@@ -175,7 +175,10 @@ def main() -> None:
                         help="scales, e.g. 1,2,3,4,5,6,8,10,13,16 (default: params.yaml's)")
     parser.add_argument("--against-var", type=Path, default=None, metavar="DIR",
                         help="folder holding VAR's models/ package (commit 78b9539)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the printed lines to this markdown file")
     args = parser.parse_args()
+    say = Printed()
 
     params = load_params()
     if args.patch_nums:
@@ -187,7 +190,7 @@ def main() -> None:
     device = resolve_device(args.device or params.device)
     models = build(params, device)
     sp, tr = params.sample, params.transformer
-    print(f"{cpu_model()}, torch {torch.__version__}; VAR depth {tr.depth} width {tr.width} "
+    say(f"{cpu_model()}, torch {torch.__version__}; VAR depth {tr.depth} width {tr.width} "
           f"({models[0].num_parameters() / 1e6:.2f}M params), scales {params.tokenizer.patch_nums} "
           f"(L={models[0].seq_len}), V={params.tokenizer.vocab_size}, batch {sp.batch_size}, "
           f"guidance {sp.guidance} ({sp.guidance_schedule}), device {device}, threads {params.threads}")
@@ -208,15 +211,16 @@ def main() -> None:
     rate = {mode: sp.batch_size / statistics.median(t) for mode, t in times.items()}
     for mode, use_cache in MODES.items():
         peak = peak_memory_mib(params, device, models, use_cache)
-        print(f"{mode:>9}: {rate[mode]:8.1f} images/s  (median of {args.repeats} batches; "
+        say(f"{mode:>9}: {rate[mode]:8.1f} images/s  (median of {args.repeats} batches; "
               f"peak memory of one batch {peak:.0f} MiB)")
     bound = cache_bound(params.tokenizer.patch_nums)
     speedup = rate["cache"] / rate["no-cache"]
-    print(f"KV-cache speed-up: {speedup:.2f}x of at most {bound:.2f}x (token count): "
+    say(f"KV-cache speed-up: {speedup:.2f}x of at most {bound:.2f}x (token count): "
           f"{speedup / bound:.0%} of the bound")
     if "VAR" in rate:
-        print(f"      VAR: {rate['VAR']:8.1f} images/s  (autoregressive_infer_cfg, KV cache)")
-        print(f"ours / VAR: {rate['cache'] / rate['VAR']:.2f}x (ours records per-token uncertainty)")
+        say(f"      VAR: {rate['VAR']:8.1f} images/s  (autoregressive_infer_cfg, KV cache)")
+        say(f"ours / VAR: {rate['cache'] / rate['VAR']:.2f}x (ours records per-token uncertainty)")
+    say.save(args.out, sys.argv)
 
 
 if __name__ == "__main__":

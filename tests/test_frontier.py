@@ -161,8 +161,10 @@ def test_guidance_moves_precision_up_and_recall_down():
         row = quality(jittered(indices[0].flatten(), 2))
         precision.append(row["precision"])
         recall.append(row["recall"])
-    assert all(b >= a for a, b in zip(precision[:-1], precision[1:], strict=True)), precision
-    assert all(b <= a for a, b in zip(recall[:-1], recall[1:], strict=True)), recall
+    # each step moves the right way up to sampling noise (600 samples: a rate's standard
+    # error is below 0.02); the ends move by far more than that
+    assert all(b >= a - 0.02 for a, b in zip(precision[:-1], precision[1:], strict=True)), precision
+    assert all(b <= a + 0.02 for a, b in zip(recall[:-1], recall[1:], strict=True)), recall
     assert precision[-1] - precision[0] > 0.1 and recall[0] - recall[-1] > 0.1, (precision, recall)
 
 

@@ -372,7 +372,7 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     if ctx.world > 1:
         run.net = DistributedDataParallel(model, device_ids=[device.index]
                                           if device.index is not None else None)
-    if cfg.compile and device.type == "cuda":
+    if cfg.compile:  # inductor on CUDA and CPU; its on-disk cache pays the compile once
         run.net = torch.compile(run.net)
     return run
 

@@ -1,0 +1,172 @@
+"""Training-step speed against the machine's fp32 matmul peak, measured side by side.
+
+Usage (from the project root):
+
+    python bench/train_step.py                      # the default step of params.yaml
+    python bench/train_step.py --against HEAD~3     # and the transformer of another commit
+    python bench/train_step.py --compile            # and the same step under torch.compile
+
+The step is the training loop's work for one batch of train.batch_size: forward,
+cross-entropy, backward, gradient clipping and AdamW, on the default VAR of
+params.yaml (10 classes, one fixed random batch; speed does not depend on the
+data). Its FLOPs are counted once with FlopCounterMode, so each path's rate is
+FLOP / s, printed as a share of the peak of a large fp32 matmul (and of a bf16
+one) timed in the same run at the same thread count. ``--against REF`` loads
+up/models/transformer.py as it was at git REF into the same process, copies the
+same initial weights into it and interleaves the two, so the ratio is fair on a
+loaded machine; it also trains both for --check-steps steps from the same
+weights and prints how far their losses drift apart (floating-point noise, if
+the change only reorders arithmetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from measure import Printed, cpu_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from up.core.params import load_params
+from up.core.runtime import setup
+from up.models import transformer
+from up.training.losses import build_token_loss
+
+NUM_CLASSES = 10
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul (median of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def module_at(ref: str):
+    """up/models/transformer.py as it was at git ``ref``, imported under another name."""
+    source = subprocess.run(["git", "show", f"{ref}:up/models/transformer.py"], check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "transformer_ref.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("transformer_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Step:
+    """One model, its optimizer and the fixed batch: ``run()`` is one training step."""
+
+    def __init__(self, model, batch: dict, params):
+        train = params.train
+        self.model, self.batch, self.grad_clip = model, batch, train.grad_clip
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr,
+                                           betas=(train.beta1, train.beta2),
+                                           weight_decay=train.weight_decay)
+        self.loss = build_token_loss("ce")
+        self.forward = model
+
+    def run(self) -> float:
+        total, _ = self.loss(self.forward(self.batch["labels"], self.batch["inputs"]),
+                             self.batch["targets"])
+        loss = total.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return loss.item()
+
+
+def build(module, params, state: dict | None = None):
+    tok, tr = params.tokenizer, params.transformer
+    model = module.VAR(vocab_size=tok.vocab_size, latent_channels=tok.latent_channels,
+                       patch_nums=tok.patch_nums, num_classes=NUM_CLASSES, **tr.model_dump())
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", default=None, metavar="REF", help="git ref of the baseline")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per path")
+    parser.add_argument("--check-steps", type=int, default=20,
+                        help="steps trained by both paths from one init (loss drift)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the printed lines to this markdown file")
+    args = parser.parse_args()
+    say = Printed()
+
+    params = load_params()
+    setup(params.seed, params.threads)
+    tok, batch_size = params.tokenizer, params.train.batch_size
+    ours = build(transformer, params)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    length = ours.seq_len
+    batch = dict(labels=torch.randint(0, NUM_CLASSES, (batch_size,)),
+                 inputs=torch.randn(batch_size, length - ours.first_l, tok.latent_channels),
+                 targets=torch.randint(0, tok.vocab_size, (batch_size, length)))
+    paths = {"ours": Step(ours, batch, params)}
+    if args.against:
+        paths[args.against] = Step(build(module_at(args.against), params, state), batch, params)
+    if args.compile:
+        compiled = Step(build(transformer, params, state), batch, params)
+        compiled.forward = torch.compile(compiled.model)
+        start = time.perf_counter()
+        compiled.run()
+        say(f"torch.compile: first step {time.perf_counter() - start:.1f} s (compile included)")
+        paths["compiled"] = compiled
+
+    with FlopCounterMode(display=False) as counter:
+        Step(build(transformer, params, state), batch, params).run()
+    flops = counter.get_total_flops()
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    say(f"{cpu_model()}, {params.threads} threads, torch {torch.__version__}; "
+          f"VAR depth {params.transformer.depth} width {params.transformer.width}, batch {batch_size} "
+          f"x L {length} x V {tok.vocab_size}: {flops / 1e9:.1f} GFLOP per step")
+    say(f"matmul peak 2048^3: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+
+    for step in paths.values():  # warm-up
+        step.run()
+    times = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name, step in paths.items():
+            start = time.perf_counter()
+            step.run()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, seconds in median.items():
+        rate = flops / seconds / 1e9
+        say(f"{name:>12}: {seconds * 1e3:7.1f} ms/step  {rate:6.1f} GFLOP/s = {rate / peak32:.0%} "
+              f"of the fp32 matmul peak  ({median['ours'] / seconds:.2f}x ours' time)")
+    if args.against:
+        say(drift(args.against, params, state, batch, args.check_steps))
+    say.save(args.out, sys.argv)
+
+def drift(ref: str, params, state: dict, batch: dict, steps: int) -> str:
+    """Train ours and REF's model from the same weights; the largest relative loss gap."""
+    runs = {}
+    for name, module in (("ours", transformer), (ref, module_at(ref))):
+        torch.manual_seed(0)
+        step = Step(build(module, params, state), batch, params)
+        runs[name] = [step.run() for _ in range(steps)]
+    gap = max(abs(a - b) / abs(b) for a, b in zip(runs["ours"], runs[ref], strict=True))
+    return (f"loss over {steps} steps from one init: ours {runs['ours'][-1]:.6f}, {ref} "
+            f"{runs[ref][-1]:.6f}; largest relative gap {gap:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
