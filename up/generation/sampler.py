@@ -129,8 +129,7 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             logits = logits / (temperature * t_k)
             idx = sample_tokens(filter_logits(logits, top_k, top_p), generator).view(B, pn, pn)
-            logp = torch.log_softmax(logits.float(), -1)  # of the distribution sampled from
-            recorded = {**token_uncertainty(logp, code_to_cluster, num_clusters, kappa),
+            recorded = {**token_uncertainty(logits, code_to_cluster, num_clusters, kappa),
                         **conditional_uncertainty(cond, idx)}
             for name, value in recorded.items():
                 maps[name].append(value.view(B, pn, pn).cpu())

@@ -26,14 +26,14 @@ ALL_MEASURES = MEASURES + COND_MEASURES
 IMAGE_SCORES = [*ALL_MEASURES, *(f"{m}_fine" for m in ALL_MEASURES)]
 
 
-def token_uncertainty(logp: torch.Tensor, code_to_cluster: torch.Tensor, num_clusters: int,
+def token_uncertainty(logits: torch.Tensor, code_to_cluster: torch.Tensor, num_clusters: int,
                       kappa: float = 1.0) -> dict[str, torch.Tensor]:
-    """The three measures of the distributions with log-probabilities ``logp`` (..., V)
-    -> (...) each (the sampler draws from the same ``logp``, so it is computed once).
+    """The three measures of the distributions softmax(logits) (..., V) -> (...) each.
 
-    ``logp`` must be that of the distribution actually sampled from (after guidance
-    and temperature, before top-k/top-p truncation).
+    ``logits`` must be those of the distribution actually sampled from (after
+    guidance and temperature, before top-k/top-p truncation).
     """
+    logp = torch.log_softmax(logits.float(), dim=-1)
     probs = logp.exp()
     return dict(
         entropy=-(probs * logp).sum(-1),
