@@ -47,6 +47,27 @@ def eval_plots(variant: str, seed: int) -> Path:
     return Path("plots/eval") / run_tag(variant, seed)
 
 
+# results/<study>/runs/<run>/ (`up study`): one run's committed artifacts, copied from the
+# pipeline's files above once the run finished, with the commit and machine it ran on
+STUDY_TRAIN = "train.json"  # metrics/train-<run>.json
+STUDY_CURVE = "curve.tsv"  # plots/train/<run>.tsv
+STUDY_EVAL = "eval.json"  # metrics/eval-<run>.json
+STUDY_EVAL_PLOTS = "eval"  # the JSON files of plots/eval/<run>/ (per-sample scores included)
+STUDY_SWEEP = "sweep.json"  # metrics/sweep-<run>.json
+STUDY_PARAMS = "params.json"  # models/var-<run>.params.json
+STUDY_PROVENANCE = "provenance.json"  # commit, CPU, threads, torch, start and end times
+
+
+def study(name: str) -> Path:
+    """results/<name>: a study's report, frontier, figures and runs."""
+    return RESULTS / name
+
+
+def study_run(name: str, variant: str, seed: int) -> Path:
+    """results/<name>/runs/<variant>-s<seed>: one run's artifacts."""
+    return study(name) / "runs" / run_tag(variant, seed)
+
+
 # results/ (report, frontier): the tables, their data, the headline figures that
 # `dvc exp show` lists (metrics.json) and the figures
 SUMMARY_MD = RESULTS / "summary.md"
