@@ -565,7 +565,7 @@ def part_import(check: Check, rec: Record) -> None:
 def stage_project(root: Path, device: str) -> None:
     """tests/test_sample_scale.py's tiny project: tokenizer and token caches
     (tests/project.make_project), a perturbed VAR as models/var-ce-s0.pt, an evaluator,
-    a prepared test split, and small sample / evaluate settings."""
+    prepared test and train splits, and small sample / evaluate settings."""
     make_project(root)
     torch.manual_seed(5)
     var = VAR(STAGE_V, 4, STAGE_PATCH_NUMS, STAGE_CLASSES, depth=1, width=32, heads=2)
@@ -576,11 +576,13 @@ def stage_project(root: Path, device: str) -> None:
                     variant={"loss": "ce"}, temperatures=None, step=1), root / paths.model("ce", 0))
     save_evaluator(Evaluator(1, STAGE_CLASSES, [8], 8), root / paths.EVALUATOR)
     side = 2 * STAGE_PATCH_NUMS[-1]  # the tokenizer's image side
-    real = torch.randint(0, 256, (8 * STAGE_CLASSES, 1, side, side), dtype=torch.uint8,
+    # 8 test and 16 training images per class (realism: k + 1 per half of a class)
+    real = torch.randint(0, 256, (24 * STAGE_CLASSES, 1, side, side), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(1))
     with array_writer(root / paths.PREPARED / paths.IMAGES, tuple(real.shape), "uint8") as out:
         out.write(0, real.numpy())
-    save_split_index(root / paths.PREPARED, {"test": np.arange(len(real))},
+    save_split_index(root / paths.PREPARED, {"test": np.arange(8 * STAGE_CLASSES),
+                                             "train": np.arange(8 * STAGE_CLASSES, len(real))},
                      np.arange(len(real)) % STAGE_CLASSES, [str(c) for c in range(STAGE_CLASSES)])
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {
         "device": device, "threads": 1, "train": {"batch_size": 5},

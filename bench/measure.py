@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
+
+from up.core.runtime import cpu_model  # noqa: F401 - the benchmarks quote it from here
 
 
 def run_measured(cmd: list[str], what: str, cwd: Path | None = None) -> tuple[float, float]:
@@ -19,14 +20,6 @@ def run_measured(cmd: list[str], what: str, cwd: Path | None = None) -> tuple[fl
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{what} failed:\n{proc.stderr.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1024
-
-
-def cpu_model() -> str:
-    """The CPU's model name (quote times with it: machines differ 2-3x)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def save_report(lines: list[str], out: Path) -> str:

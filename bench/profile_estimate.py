@@ -306,12 +306,9 @@ def transformer_rows(params: Params, model: VAR, losses: dict[str, torch.nn.Modu
         with Probe() as step:
             extra = {}
             if loss_fn.needs_reference:
-                # The empirical kappa_ref (B, L) is held, not passed: the loss reads
-                # its maximum, a value fake tensors lack; the work is the same.
                 p_ref = torch.empty_like(logits)
-                extra["reference"] = (p_ref, None)
-                step.keep(p_ref, torch.empty_like(targets, dtype=torch.float)
-                          if kind == "empirical" else None)
+                extra["reference"] = p_ref
+                step.keep(p_ref)
             loss_fn(logits, targets, **extra)[0].mean()
         teacher = kind == "teacher"
         activations = sum({**forward.storages, **step.storages}.values())
@@ -355,15 +352,22 @@ def sampling_rows(params: Params, var: VAR, tokenizer: MultiScaleVQVAE, s: Setti
     transformer, decoder, cache = _generation_cost(var, tokenizer, s, params.train.bf16)
     per_row = cache + var.patch_nums[-1] ** 2 * var.vocab_size * 4
 
-    def row(label: str, guidance: list[float], per_class: int) -> Row:
+    def row(label: str, guidance: list[float], per_class: int, runs: int) -> Row:
         rows = [2 if g > 0 and not sp.unconditional else 1 for g in guidance]
         flops = sum(r * transformer + decoder for r in rows)
         return Row(label, n, sp.batch_size, sp.batch_size * max(rows) * per_row, n * COPY_BYTES,
                    flops / len(rows), s.hours(flops * per_class * s.classes),
-                   len(params.seeds) * len(params.runs))
+                   len(params.seeds) * runs)
 
-    return [row("sample (per run)", [sp.guidance], sp.n_per_class),
-            row("sweep (per run)", params.sweep.guidance, params.sweep.n_per_class)]
+    sw, runs = params.sweep, len(params.runs)
+    # the guidance axis and the truncation row (at sample.guidance) of every run
+    rows = [row("sample (per run)", [sp.guidance], sp.n_per_class, runs),
+            row("sweep (per run)", [*sw.guidance, *([sp.guidance] if sw.truncation else [])],
+                sw.n_per_class, runs)]
+    if sw.temperature_variants and sw.temperatures:  # at sample.guidance, listed runs only
+        rows.append(row("sweep temperatures (per listed run)", [sp.guidance] * len(sw.temperatures),
+                        sw.n_per_class, len(sw.temperature_variants)))
+    return rows
 
 
 def estimate(params: Params, classes: int | None = None, peak_tflops: float = PEAK_TFLOPS,

@@ -1,4 +1,4 @@
-"""The `up` command: one sub-command per DVC stage, plus `generate`.
+"""The `up` command: one sub-command per DVC stage, plus `study`, `generate` and the VAR interop.
 
 Every stage command validates params.yaml before doing any work (exit 2 with
 one line per bad key), then sets threads and seeds and runs the stage module.
@@ -28,7 +28,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Variant = Annotated[str, typer.Option(help="Variant name declared under `variants` in params.yaml.")]
+Variant = Annotated[str, typer.Option(help="A run declared in params.yaml: under `variants` or "
+                                       "`derived`, or `<name>+ts` for a `post_hoc` entry.")]
 Seed = Annotated[int, typer.Option(help="Training seed (one of `seeds` in params.yaml).")]
 
 
@@ -112,9 +113,9 @@ def tokenize() -> None:
 
 
 @app.command()
-def reference() -> None:
-    """Count codes per context: the empirical reference of `up`."""
-    _run("reference")
+def reference(seed: Seed = 0) -> None:
+    """Count codes per context over one training seed's images: the empirical reference of `up`."""
+    _run("reference", seed=seed)
 
 
 @app.command()
@@ -148,15 +149,78 @@ def sweep(variant: Variant, seed: Seed = 0) -> None:
 
 
 @app.command()
-def frontier() -> None:
-    """Every variant compared at matched quality along its guidance curve."""
-    _run("frontier")
+def edit(
+    variant: Variant,
+    seed: Seed = 0,
+    image: Annotated[Path | None, typer.Option(
+        help="Edit this image file (PNG/JPEG; fitted to the model's size as data.fit says) "
+             "instead of running the edit@ stage.")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="Edit the first --count images of this prepared split (train | val | test).")] = None,
+    count: Annotated[int, typer.Option(help="Images of --split.")] = 8,
+    mask: Annotated[str | None, typer.Option(
+        help="center | left_half | right_half | top | bottom | 'box x0 y0 x1 y1' (pixels; "
+             "default center).")] = None,
+    mask_image: Annotated[Path | None, typer.Option(
+        help="A mask image of the model's size: white = fill, black = keep.")] = None,
+    label: Annotated[int | None, typer.Option(
+        "--class", help="The requested class (required with --image; --split: each "
+                        "image's own by default).")] = None,
+    fills: Annotated[int | None, typer.Option(help="Fills per image (default: "
+                                              "edit.fills_per_image).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder of the fills, maps and grid.")] = paths.EDITED,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Another models/var-*.pt than the variant's (its kappa is the variant's).")] = None,
+) -> None:
+    """In-/out-painting and class editing with the fill's uncertainty map: the edit@ stage
+    (metrics/edit-V-sS.json, edits/V-sS/), or with --image / --split one's own edits."""
+    given = {"--count": count != 8, "--mask": mask is not None,
+             "--mask-image": mask_image is not None, "--class": label is not None,
+             "--fills": fills is not None, "--out": out != paths.EDITED,
+             "--checkpoint": checkpoint is not None}
+    if image is None and split is None:
+        stray = [name for name, set_ in given.items() if set_]
+        if stray:
+            _fail([f"{', '.join(stray)}: only with --image FILE or --split NAME"], 2)
+        _run("edit", seed=seed, variant=variant)
+        return
+    _run("edit", seed=seed, variant=variant, image=image, split=split, count=count, mask=mask,
+         mask_image=mask_image, label=label, fills=fills, out=out, checkpoint=checkpoint)
+
+
+Study = Annotated[str | None, typer.Option(
+    help="Read the runs of results/<study>/runs/ (whichever are there) and write into "
+         "results/<study>/, instead of the pipeline's files.")]
 
 
 @app.command()
-def report() -> None:
+def frontier(study: Study = None) -> None:
+    """Every variant compared at matched quality along its guidance curve."""
+    _run("frontier", study=study)
+
+
+@app.command()
+def report(
+    study: Study = None,
+    readme: Annotated[Path | None, typer.Option(
+        help="Then rewrite this README's <!-- study:NAME:PART --> ... <!-- /study --> blocks "
+             "from results/NAME/PART.md.")] = None,
+) -> None:
     """One comparison table and figures over all variants and seeds."""
-    _run("report")
+    _run("report", study=study, readme=readme)
+
+
+@app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="The study's folder: results/<name>/.")],
+    profile: Annotated[Path, typer.Option(help="The study's profile (params.yaml must equal it).")],
+    lanes: Annotated[int, typer.Option(help="Runs side by side, each with params' threads.")] = 2,
+    only: Annotated[list[str] | None, typer.Option(
+        help="Only the runs whose tag (variant-s<seed>) matches this pattern (fnmatch, "
+             "repeatable), and the runs they build on.")] = None,
+) -> None:
+    """Run every (variant, seed) of a profile in lanes; keep each run under results/<name>/runs/."""
+    _run("study", name=name, profile=profile, lanes=lanes, only=only)
 
 
 @app.command()

@@ -1,19 +1,21 @@
 """evaluate@variant: quality, diversity, calibration and selective generation of one run.
 
-Generated images (samples/{variant}-s{seed}) are compared with the test split;
-token calibration is measured on the val tokens with the run's transformer.
-Every generated image gets a quality that does not depend on the rest of the
-set (the evaluator's log p(y_cond | x) and the realism score against the real
-images of its class) and a failure flag (misclassified, or realism below
-evaluate.realism_threshold); selective generation ranks images within their
-class by each uncertainty score and compares them with the random and oracle
-rankings. Outputs: metrics/eval-{variant}-s{seed}.json (flat main figures, with
+Generated images (samples/{variant}-s{seed}) are compared with the test split
+(FID, KID, IS, precision, recall); token calibration is measured on the val tokens
+with the run's transformer. Every generated image gets a quality that does not
+depend on the rest of the set (the evaluator's log p(y_cond | x) and the realism
+score against the real training images of its class) and a failure flag
+(misclassified, or realism below evaluate.realism_threshold), whose split-half
+reliability is reported; selective generation ranks images within their class by
+each uncertainty score and compares them with the random and oracle rankings,
+also at the tails (the failure rate of the most and least certain images) and
+scale by scale. Outputs: metrics/eval-{variant}-s{seed}.json (flat main figures, with
 sample counts and seeds) and plots/eval/{variant}-s{seed}/ (reliability,
 risk-coverage curves, selective statistics with bootstrap intervals, stratified
 subset FID, score correlations and per-sample rows, as JSON and PNGs).
 
 Under torchrun (params.yaml's launcher) the ranks share the network passes
-(features of the samples and of the test split, the val tokens' predictions)
+(features of the samples, of the test and training splits, the val tokens' predictions)
 in fixed batches; rank 0 gathers them, computes every figure and writes, so
 the outputs do not depend on the number of processes. With
 evaluate.reference_stats, FID is also measured against those published
@@ -34,6 +36,7 @@ from up.core.sharding import map_batches
 from up.data.splits import load_image_split
 from up.data.tokens import load_token_split
 from up.evaluation.calibration import CalibrationMeter
+from up.evaluation.evaluator import evaluator_outputs
 from up.evaluation.fidelity import (
     FidelityConfig,
     ImageFeatures,
@@ -53,15 +56,17 @@ from up.evaluation.figures import (
 from up.evaluation.selective import (
     class_accuracy,
     evaluator_log_p,
+    failure_labels,
     kept_count,
-    realism_score,
+    per_class_subset,
+    scale_auroc,
     score_correlations,
     selective_figures,
     selective_statistics,
     set_figures,
     stratified_curves,
 )
-from up.generation.scores import image_scores
+from up.generation.scores import ALL_MEASURES, image_scores
 from up.models.temperature import predict
 from up.models.tokenizer import load_tokenizer
 from up.models.transformer import load_var_and_temperatures
@@ -114,6 +119,15 @@ def quality_figures(gen: dict, real: dict, config: FidelityConfig,
     return quality
 
 
+def evaluator_only(net: ImageFeatures):
+    """The evaluator's features of an image batch, without the fidelity network: all
+    that realism reads from the training split."""
+    def features(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": evaluator_outputs(net.evaluator, images, len(images), net.device)[0]}
+
+    return features
+
+
 def run(params: Params, variant: str, seed: int) -> None:
     ev = params.evaluate
     params.variant(variant)
@@ -121,6 +135,14 @@ def run(params: Params, variant: str, seed: int) -> None:
 
     samples = load_torch(paths.samples(variant, seed) / paths.SAMPLES_FILE, "samples")
     test = load_image_split(paths.PREPARED, "test")
+    train = load_image_split(paths.PREPARED, "train")
+    kept = per_class_subset(train.labels, ev.realism_per_class, params.seed)
+    train_images, train_labels = train.images.subset(kept.numpy()), train.labels[kept]
+    fewest = int(torch.unique(train_labels, return_counts=True)[1].min())
+    if fewest < 2 * (ev.realism_k + 1):
+        raise StageError(f"the training split keeps {fewest} images of its smallest class; realism "
+                         f"with evaluate.realism_k={ev.realism_k} in each half of a class needs "
+                         f"{2 * (ev.realism_k + 1)} (lower realism_k or raise realism_per_class)")
     gen, real = samples["images"], test.images
     smallest = kept_count(len(gen), min(ev.selective_fractions))
     if smallest <= ev.pr_neighborhood:
@@ -134,16 +156,21 @@ def run(params: Params, variant: str, seed: int) -> None:
             load_reference_stats(ev.reference_stats, net.fidelity.dim)
         gen_out = image_features(gen, net, config.batch_size, ctx, f"features {variant}-s{seed}")
         real_out = image_features(real, net, config.batch_size, ctx, "features test split")
+        train_out = image_features(train_images, evaluator_only(net), config.batch_size, ctx,
+                                   "features train split")
         calib = calibration(params, variant, seed, device, ctx)
     if ctx.main:
-        report(params, variant, seed, samples, gen_out, real_out, test.labels, calib,
+        report(params, variant, seed, samples, gen_out, real_out, test.labels,
+               (train_out["features"], train_labels), calib,
                quality_figures(gen_out, real_out, config, reference), config)
 
 
 def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, real: dict,
-           real_labels: torch.Tensor, calibrated: tuple[dict, list[dict]], quality: dict,
-           config: FidelityConfig) -> None:
-    """Every figure from the gathered features, written by rank 0 alone."""
+           real_labels: torch.Tensor, train: tuple[torch.Tensor, torch.Tensor],
+           calibrated: tuple[dict, list[dict]], quality: dict, config: FidelityConfig) -> None:
+    """Every figure from the gathered features, written by rank 0 alone; ``train`` the
+    evaluator's features and the labels of the real training images (the failure
+    label's reference)."""
     ev = params.evaluate
     name = paths.run_tag(variant, seed)
     plots = paths.eval_plots(variant, seed)
@@ -153,13 +180,15 @@ def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, re
     # unconditional samples have no label: group them by the evaluator's class
     gen_classes = torch.where(labels >= 0, labels, gen_logits.argmax(1))
 
-    # per-sample quality, independent of the rest of the set
+    # per-sample quality, independent of the rest of the set; realism against the
+    # class's training images, the label's reliability from their two halves
     log_p = evaluator_log_p(gen_logits, gen_classes)
-    realism = realism_score(gen_features, gen_classes, real["features"], real_labels,
-                            ev.pr_neighborhood)
-    failed = (gen_logits.argmax(1) != gen_classes) | (realism < ev.realism_threshold)
+    realism, failed, label = failure_labels(gen_features, gen_logits.argmax(1), gen_classes,
+                                            *train, ev.realism_k, ev.realism_threshold,
+                                            params.seed)
     neg_log_realism = -realism.clamp_min(1e-12).log()
-    scores = image_scores(samples["uncertainty"]["maps"], ev.fine_scales)
+    maps = samples["uncertainty"]["maps"]
+    scores = image_scores(maps)
     stats, curves = selective_statistics(
         scores, gen_classes, failed,
         risks={"failure": failed.double(), "nll": -log_p, "neg_log_realism": neg_log_realism},
@@ -171,9 +200,9 @@ def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, re
         return {**subset_quality(gen_fid[kept]),
                 "class_accuracy": class_accuracy(gen_logits[kept], labels[kept])}
 
-    # subset FID only with per-class stratification, for the all-token scores (the _fine
-    # ones would double its cost); 'oracle' ranks by -log p(y | x)
-    whole = {sc: v for sc, v in scores.items() if not sc.endswith("_fine")}
+    # subset FID only with per-class stratification, for the all-token scores (the scale
+    # groups would triple its cost); 'oracle' ranks by -log p(y | x)
+    whole = {sc: v for sc, v in scores.items() if sc in ALL_MEASURES}
     rows = stratified_curves({**whole, "oracle": -log_p}, gen_classes, ev.selective_fractions,
                              metric, ev.random_repeats, seed)
     smallest = min(ev.selective_fractions)
@@ -182,12 +211,14 @@ def report(params: Params, variant: str, seed: int, samples: dict, gen: dict, re
         **quality,
         **set_figures(gen, real, gen_classes, labels, real_labels, ev.pr_neighborhood),
         **calib,
-        "failure_rate": failed.double().mean().item(),
+        **label,
         "log_p_mean": log_p.mean().item(),
         "realism_median": realism.median().item(),
         **selective_figures(rows, stats, smallest),
+        **scale_auroc(maps, gen_classes, failed, ev.bootstrap, seed),
         "n_samples": n_gen,
         "n_real": n_real,
+        "n_real_train": len(train[1]),
         "n_bootstrap": ev.bootstrap,
         "seed": seed,
         "sample_seed": int(samples["seed"]),

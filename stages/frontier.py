@@ -3,36 +3,65 @@
 Reads metrics/sweep-{variant}-s{seed}.json of every declared variant and seed
 and writes results/frontier.md (recall at matched precision and within-class
 diversity at matched class accuracy, mean and interval over seeds, paired
-differences with the teacher and its temperature-scaled versions),
-results/frontier.json (the same, the levels and the mean curves) and
-results/frontier.png (the three frontier panels). The rules are in up/evaluation/frontier.py.
+differences over the range shared with the teacher, its temperature-scaled versions
+and the teacher sampled hotter; truncated sampling), results/frontier.json (the same,
+the levels and the mean curves) and results/frontier.png (the three frontier panels).
+With ``study``: the sweep.json of whichever runs results/<study>/runs/ holds, written
+into results/<study>/. The rules are in up/evaluation/frontier.py.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from up.core import paths
 from up.core.errors import StageError
 from up.core.io import save_figure, save_json, save_text
 from up.core.params import Params
-from up.evaluation.frontier import frontier_figure, markdown, summarize
+from up.evaluation.frontier import curve_label, frontier_figure, markdown, summarize
+from up.evaluation.report import (
+    baselines,
+    expected_runs,
+    present,
+    runs_markdown,
+    study_profiles,
+    study_runs,
+    study_teacher,
+)
 
 
-def run(params: Params) -> None:
-    sweeps = {v: {s: paths.sweep(v, s) for s in params.seeds} for v in params.runs}
-    missing = [str(p) for by_seed in sweeps.values() for p in by_seed.values() if not p.is_file()]
-    if missing:
-        raise StageError(f"missing inputs: {', '.join(missing)} (run `dvc repro`, or `up sweep` "
-                         "for them)")
-    sweeps = {v: {s: json.loads(p.read_text()) for s, p in by_seed.items()}
-              for v, by_seed in sweeps.items()}
-    baselines = [params.teacher] + [n for n, v in params.derived.items() if v.loss == "ts"]
+def run(params: Params, study: str | None = None) -> None:
     fixed = {"precision": params.sweep.match_precision,
              "class_accuracy": params.sweep.match_class_accuracy}
-    summary = summarize(sweeps, baselines, fixed)
-    save_text(markdown(summary), paths.FRONTIER_MD)
-    save_json(summary, paths.FRONTIER_JSON)
-    annotate = params.teacher if params.teacher in sweeps else next(iter(sweeps))
-    save_figure(frontier_figure(summary, annotate=annotate), paths.FRONTIER_FIGURE)
-    print(paths.FRONTIER_MD.read_text())
+    if study is None:
+        files = {v: {s: paths.sweep(v, s) for s in params.seeds} for v in params.runs}
+        missing = [str(p) for by_seed in files.values() for p in by_seed.values() if not p.is_file()]
+        if missing:
+            raise StageError(f"missing inputs: {', '.join(missing)} (run `dvc repro`, or `up sweep` "
+                             "for them)")
+        sweeps = {v: {s: json.loads(p.read_text()) for s, p in by_seed.items()}
+                  for v, by_seed in files.items()}
+        settings = {v: s.model_dump() for v, s in params.runs.items()}
+        teacher, folder, preface = params.teacher, paths.RESULTS, []
+    else:
+        folder = paths.study(study)
+        profiles = study_profiles(folder)
+        runs = study_runs(folder, profiles)
+        sweeps = present(runs, "sweep")
+        if not sweeps:
+            raise StageError(f"--study {study}: no run under {folder / 'runs'} has {paths.STUDY_SWEEP}")
+        settings = {v: next(iter(by_seed.values()))["settings"] for v, by_seed in runs.items()}
+        teacher = study_teacher(profiles, params.teacher)
+        preface = runs_markdown(runs, expected_runs(profiles), f"{folder / 'runs'}/", "sweep")
+    compared = [b for b in baselines(teacher, settings) if b in sweeps]
+    summary = summarize(sweeps, compared + [curve_label(teacher, "temperature")], fixed)
+    text = markdown(summary)
+    if preface:  # after the title line
+        title, _, rest = text.partition("\n")
+        text = "\n".join([title, "", *preface]) + rest
+    save_text(text, folder / paths.FRONTIER_MD.name)
+    save_json(summary, folder / paths.FRONTIER_JSON.name)
+    annotate = teacher if teacher in sweeps else next(iter(sweeps))
+    save_figure(frontier_figure(summary, annotate=annotate), folder / paths.FRONTIER_FIGURE.name)
+    print(Path(folder / paths.FRONTIER_MD.name).read_text())

@@ -16,7 +16,7 @@ from up.core.params import Params
 from up.core.runtime import resolve_device
 from up.generation.sampler import sample
 from up.models.tokenizer import load_code_clusters, load_tokenizer
-from up.models.transformer import load_var_and_temperatures
+from up.models.transformer import load_var_for_sampling
 
 
 def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n: int,
@@ -29,7 +29,7 @@ def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n
     top_p = sp.top_p if top_p is None else top_p
     temperature = sp.temperature if temperature is None else temperature
     device = resolve_device(params.device)
-    var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
+    var, scale_temperatures, at_temperatures = load_var_for_sampling(checkpoint, ema=True)
     var = var.to(device)
     bad = [c for c in classes if not 0 <= c < var.num_classes]
     if bad or not classes or n < 1:
@@ -42,7 +42,7 @@ def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n
     images, _, unc = sample(var, vq, labels, guidance=guidance,
                             guidance_schedule=sp.guidance_schedule, top_k=top_k, top_p=top_p,
                             temperature=temperature, scale_temperatures=scale_temperatures,
-                            generator=generator,
+                            sample_at_temperatures=at_temperatures, generator=generator,
                             code_to_cluster=code_to_cluster, num_clusters=num_clusters)
     save_image_grid(images, out, nrow=n)
     print(f"wrote {out}: {len(classes)} classes x {n} images, seed {seed}, guidance {guidance}, "

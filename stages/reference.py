@@ -1,10 +1,12 @@
-"""reference: the empirical reference of `up` (reference: empirical).
+"""reference@seed: the empirical reference of `up` (reference: empirical) for one
+training seed.
 
-Counts of each code given a context over the images every variant trains on
-(the token cache, one pass), smoothed by a Dirichlet prior. The context and
+Counts of each code given a context over the images that training seed trains
+on (every variant alike; with train.images_per_class > 0 the seed draws them),
+one pass over the token cache, smoothed by a Dirichlet prior. The context and
 the prior mass are chosen by the reference's own NLL on the calibration slice
-(held out of training); the table of candidates, and the chosen one's NLL on
-the val tokens, go to metrics/reference.json.
+(held out of training, the same for every seed); the table of candidates, and
+the chosen one's NLL on the val tokens, go to metrics/reference-s<seed>.json.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from up.data.tokens import training_ids
 from up.training.empirical import select_reference
 
 
-def run(params: Params) -> None:
+def run(params: Params, seed: int) -> None:
     cfg, rp = params.train, params.reference
     train = load_token_arrays(paths.TOKENS, "train")
     val = load_token_arrays(paths.TOKENS, "val")
     vocab = int(load_torch(paths.TOKENIZER, "tokenizer")["config"]["vocab_size"])
     labels = train.labels.long()
     fit_ids, calib_ids = training_ids(labels, cfg.calib_fraction, cfg.images_per_class,
-                                      params.seed)
+                                      params.seed, seed)
     if len(calib_ids) == 0:
         raise StageError("the reference is chosen on the calibration slice, but "
                          "train.calib_fraction = 0 holds none out: set it > 0")
@@ -39,8 +41,8 @@ def run(params: Params) -> None:
                "val_nll": table.nll(val.indices, val.labels.long()),
                "memory_bytes": table.memory_bytes(), "train_images": len(fit_ids),
                "calibration_images": len(calib_ids), "candidates": rows}
-    save_torch({"table": table.state_dict(), "fit_ids": fit_ids}, paths.REFERENCE)
-    save_json(metrics, paths.metrics("reference"))
-    print(f"reference: context {best['context']}, prior {best['prior']}, held-out NLL "
+    save_torch({"table": table.state_dict(), "fit_ids": fit_ids}, paths.reference(seed))
+    save_json(metrics, paths.metrics(f"reference-s{seed}"))
+    print(f"reference s{seed}: context {best['context']}, prior {best['prior']}, held-out NLL "
           f"{best['heldout_nll']:.4f}, val NLL {metrics['val_nll']:.4f} "
           f"({metrics['memory_bytes'] / 2**20:.1f} MiB)")

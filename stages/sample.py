@@ -6,7 +6,9 @@ stage finished), grid.png (rows = classes, at most sample.grid_classes of
 them), uncertainty_map.png, params.json and, on request, one PNG per image.
 Under torchrun (params.yaml's launcher) the ranks share the batches and rank 0
 writes: each batch draws from its own seeded stream, so the files do not
-depend on the number of processes.
+depend on the number of processes. A temperature-scaled (`ts`) run records its
+uncertainty from its fitted temperatures; its images are its base model's, bitwise,
+unless it samples at the temperatures (``sample_at_temperatures``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from up.core.runtime import resolve_device
 from up.data.sources import spread_classes
 from up.generation.sampler import sample_many
 from up.models.tokenizer import load_code_clusters, load_tokenizer
-from up.models.transformer import load_var_and_temperatures
+from up.models.transformer import load_var_for_sampling
 
 TOKENIZER = paths.TOKENIZER
 
@@ -95,7 +97,7 @@ def run(params: Params, variant: str, seed: int) -> None:
     with distributed(device.type) as ctx:
         tokenizer = load_tokenizer(TOKENIZER, device)
         code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
-        var, scale_temperatures = load_var_and_temperatures(checkpoint, ema=True)
+        var, scale_temperatures, at_temperatures = load_var_for_sampling(checkpoint, ema=True)
         var = var.to(device)
         num_classes = var.num_classes
         classes = torch.arange(num_classes).repeat_interleave(sp.n_per_class)
@@ -104,8 +106,9 @@ def run(params: Params, variant: str, seed: int) -> None:
         result = sample_many(var, tokenizer, labels, sp.batch_size, seed, f"sample {variant}-s{seed}",
                              ctx, bf16, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
                              top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature,
-                             scale_temperatures=scale_temperatures, code_to_cluster=code_to_cluster,
-                             num_clusters=num_clusters, kappa=kappa)
+                             scale_temperatures=scale_temperatures,
+                             sample_at_temperatures=at_temperatures,
+                             code_to_cluster=code_to_cluster, num_clusters=num_clusters, kappa=kappa)
     if result is None:
         return
     images, labels = result["images"], result["labels"]
@@ -113,7 +116,8 @@ def run(params: Params, variant: str, seed: int) -> None:
     config = dict(variant=variant, seed=seed, checkpoint=str(checkpoint), tokenizer=str(TOKENIZER),
                   num_images=len(labels), num_classes=num_classes, kappa=kappa, device=str(device),
                   bf16=bf16, scale_temperatures=None if scale_temperatures is None
-                  else scale_temperatures.tolist(), **sp.model_dump())
+                  else scale_temperatures.tolist(), sample_at_temperatures=at_temperatures,
+                  **sp.model_dump())
     if sp.save_pngs:
         for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
             save_image_grid(img[None], out / paths.SAMPLE_PNGS / paths.sample_png(i, label),

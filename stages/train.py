@@ -2,7 +2,8 @@
 
 Variants under `derived` are built from the `teacher` model: `loss: ts` fits
 its per-scale temperatures (no training), `reference: teacher` trains against
-it. The checkpoint lives in checkpoints/, outside every DVC output, because DVC
+it; a `post_hoc` run `<run>+ts` fits temperatures over `<run>`'s model. The
+checkpoint lives in checkpoints/, outside every DVC output, because DVC
 deletes a stage's outputs before running it: a killed `dvc repro` resumes
 from it. It is removed once the outputs are written, so a later run (after
 a code change, say) trains afresh instead of reloading a finished state.
@@ -30,11 +31,10 @@ from up.training.run import (
 def run(params: Params, variant: str, seed: int) -> None:
     tag = paths.run_tag(variant, seed)
     checkpoint = paths.checkpoint(variant, seed)
-    spec = params.variant(variant)
+    spec, base = params.variant(variant), params.base(variant)
     run_paths = RunPaths(checkpoint, paths.TOKENS, paths.TOKENIZER,
-                         teacher=paths.model(params.teacher, seed) if variant in params.derived
-                         else None,
-                         reference=paths.REFERENCE)
+                         teacher=None if base is None else paths.model(base, seed),
+                         reference=paths.reference(seed))
     if declaration(spec.loss).module is None:  # post hoc (ts): fitted, not trained
         result = temperature_scale(params, variant, seed, run_paths)
     else:

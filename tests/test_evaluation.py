@@ -264,7 +264,8 @@ def test_on_class_diversity_ignores_misclassified_samples():
 def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_path, monkeypatch):
     """The evaluate stage end to end on digits 'samples' (real digits, a fifth of them
     replaced by noise, with an uncertainty that is high on the noise), calibration
-    stubbed: the scores that see the noise find the failed samples."""
+    stubbed: the scores that see the noise find the failed samples, at the tails too;
+    the label (realism against the evaluator's training digits) agrees with itself."""
     import json
     import time
 
@@ -277,7 +278,7 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     from up.evaluation.metrics import summary_keys
     from up.evaluation.report import METRICS
 
-    _, (real_x, real_y), (held_x, held_y) = digits
+    (train_x, train_y), (real_x, real_y), (held_x, held_y) = digits
     order = torch.argsort(held_y, stable=True)
     per_class = torch.bincount(held_y).min().item()
     keep = torch.cat([order[held_y[order] == c][:per_class] for c in range(10)])
@@ -293,7 +294,7 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
             for m in ("entropy", "dispersion", "semantic_entropy", "cond_entropy", "surprisal")}
     save_torch({"images": images, "labels": labels, "seed": 0,
                 "uncertainty": {"maps": maps}}, tmp_path / "samples/ce-s0/samples.pt")
-    save_prepared(tmp_path / "data/prepared", {"test": (real_x, real_y)},
+    save_prepared(tmp_path / "data/prepared", {"train": (train_x, train_y), "test": (real_x, real_y)},
                   [str(c) for c in range(10)])
     (tmp_path / "models").mkdir()
     (tmp_path / "models/evaluator.pt").write_bytes(evaluator_path.read_bytes())
@@ -322,6 +323,20 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     assert metrics["spearman_entropy"] < -0.3
     assert metrics["aurc_oracle"] <= metrics["aurc_entropy"] <= metrics["aurc_random"]
     assert metrics["selective_fid_entropy"] < metrics["selective_fid_random"]
+    # the noise is (nearly all of) the failures: the least certain 10 % by entropy fail,
+    # the most certain 10 % hardly; the score that ignores the noise sits at the base rate
+    base = metrics["failure_rate"]
+    assert metrics["failure_rate_lo"] < base < metrics["failure_rate_hi"]
+    assert metrics["failure_uncertain10_entropy"] > 0.85
+    assert metrics["failure_certain10_entropy"] < base < metrics["failure_uncertain10_entropy_lo"]
+    assert metrics["failure_uncertain10_surprisal_lo"] < base
+    assert metrics["failure_misclassified"] <= base and metrics["failure_unreal"] <= base
+    assert metrics["label_agreement"] > 0.9 and metrics["label_kappa"] > 0.7
+    assert metrics["n_real_train"] == len(train_y)
+    for k in (1, 2, 3):  # the signal is at every scale (scales 1, 2, 4: coarse 1, fine 2, 3)
+        assert metrics[f"auroc_entropy_scale{k}"] > 0.8, k
+        assert metrics[f"auroc_entropy_scale{k}_lo"] < metrics[f"auroc_entropy_scale{k}"]
+    assert metrics["auroc_entropy_coarse"] == pytest.approx(metrics["auroc_entropy_scale1"])
     plots = tmp_path / "plots/eval/ce-s0"
     for name in ("selective", "risk_coverage", "score_correlation"):
         assert (plots / f"{name}.png").stat().st_size > 0
@@ -330,9 +345,10 @@ def test_evaluate_stage_writes_selective_figures(digits, evaluator_path, tmp_pat
     assert sum(r["failed"] for r in per_sample) / len(images) == \
         pytest.approx(metrics["failure_rate"])
     stats = json.loads((plots / "selective_stats.json").read_text())
-    assert {r["score"] for r in stats} == {f"{m}{e}" for m in maps for e in ("", "_fine")}
+    assert {r["score"] for r in stats} == {f"{m}{e}" for m in maps
+                                           for e in ("", "_coarse", "_fine")}
     corr = json.loads((plots / "score_correlation.json").read_text())
-    assert len(corr) == 100
+    assert len(corr) == 15 ** 2  # 5 measures x (all tokens, coarse, fine), every pair
     print(f"evaluate stage: {elapsed:.1f} s")
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from tests.project import TINY, copy_project, run
 from up.evaluation.fidelity import FidelityConfig, SubsetQuality
+from up.evaluation.frontier import GRID as LEVELS
 from up.evaluation.frontier import (
     common_range,
     curve,
@@ -179,7 +180,7 @@ def test_sweep_and_frontier_stages_are_cached(tmp_path):
     run(["dvc", "repro", "frontier"], project)
     for name in ("ce", "ce+ts"):
         sweep = json.loads((project / f"metrics/sweep-{name}-s0.json").read_text())
-        assert [r["guidance"] for r in sweep["rows"]] == [0.5, 3.0]
+        assert [r["guidance"] for r in sweep["rows"] if r["axis"] == "guidance"] == [0.5, 3.0]
         assert {r["n_samples"] for r in sweep["rows"]} == {40} and sweep["seed"] == 0
         for key in ("fid", "precision", "recall", "class_accuracy"):
             assert all(isinstance(r[key], float) for r in sweep["rows"]), key
@@ -191,18 +192,70 @@ def test_sweep_and_frontier_stages_are_cached(tmp_path):
     assert "Running stage" not in again, again
 
 
-def test_pairs_are_read_at_their_own_level_when_no_global_one_exists():
+def test_pairs_are_read_over_their_own_range_when_no_global_level_exists():
     """ls's precision range (0.1-0.3) misses up's (0.5-0.9): no level common to every
-    run, yet ce (0.2-0.8) shares 0.2-0.3 with ls (level 0.25) and 0.5-0.8 with up (level
-    0.65). Recall at 0.25: ls 0.8 - 0.75 * 0.1 = 0.725, ce 0.6 - 0.4 / 12 = 0.5667; at 0.65:
-    up 0.6 - 0.375 * 0.4 = 0.45, ce 0.6 - 0.75 * 0.4 = 0.3."""
+    run, yet ce (0.2-0.8) shares 0.2-0.3 with ls and 0.5-0.8 with up. The curves are
+    straight there, so the mean gap over the range is the gap at its middle: at 0.25 ls
+    0.8 - 0.75 * 0.1 = 0.725, ce 0.6 - 0.4 / 12 = 0.5667; at 0.65 up 0.6 - 0.375 * 0.4 =
+    0.45, ce 0.6 - 0.75 * 0.4 = 0.3."""
     ce = _sweep("ce", 0, [(1, 0.2, 0.6, 0.8, 1.0, 5), (2, 0.8, 0.2, 1.0, 0.5, 4)])
     ls = _sweep("ls", 0, [(1, 0.1, 0.8, 0.8, 1.0, 5), (2, 0.3, 0.7, 1.0, 0.5, 4)])
     up = _sweep("up", 0, [(1, 0.5, 0.6, 0.8, 1.0, 5), (2, 0.9, 0.2, 1.0, 0.5, 4)])
     summary = summarize({"ce": {0: ce}, "ls": {0: ls}, "up": {0: up}}, ["ce"])
     assert summary["levels"]["precision"]["level"] is None
     pairs = summary["paired"]["ce"]
-    assert pairs["ls"]["recall_at_precision"]["level"] == pytest.approx(0.25)
+    assert pairs["ls"]["recall_at_precision"]["range"] == pytest.approx([0.2, 0.3])
     assert pairs["ls"]["recall_at_precision"]["mean"] == pytest.approx(0.725 - (0.6 - 0.4 / 12))
-    assert pairs["up"]["recall_at_precision"]["level"] == pytest.approx(0.65)
+    assert pairs["up"]["recall_at_precision"]["range"] == pytest.approx([0.5, 0.8])
     assert pairs["up"]["recall_at_precision"]["mean"] == pytest.approx(0.45 - 0.3)
+    assert pairs["up"]["recall_at_precision"]["levels"] == LEVELS == 11
+
+
+def test_pair_difference_is_the_mean_gap_over_the_range_not_the_midpoint():
+    """ce bends at precision 0.4 (recall 0.6 flat, then falling 1 per unit), up is
+    straight: gap(q) = 0.2 - 2/3 (q - 0.2) + max(0, q - 0.4) on 0.2-0.8. On the 11 levels
+    0.2, 0.26, ... 0.8 the first term sums to 0 and the bend adds 0.04 + 0.10 + ... + 0.40
+    = 1.54: mean 0.14, where the midpoint (0.5) alone reads 0.1."""
+    ce = _sweep("ce", 0, [(1, 0.2, 0.6, 0.8, 1.0, 5), (2, 0.4, 0.6, 0.9, 0.8, 4),
+                          (3, 0.8, 0.2, 1.0, 0.5, 3)])
+    up = _sweep("up", 0, [(1, 0.2, 0.8, 0.8, 1.0, 5), (3, 0.8, 0.4, 1.0, 0.5, 3)])
+    cell = summarize({"ce": {0: ce}, "up": {0: up}}, ["ce"])["paired"]["ce"]["up"]["recall_at_precision"]
+    assert cell["range"] == pytest.approx([0.2, 0.8]) and cell["mean"] == pytest.approx(0.14)
+    assert cell["values"] == pytest.approx([0.14]) and cell["p"] is None  # one seed
+
+
+def _rows(axis, points, **fields):
+    return [{"axis": axis, "precision": p, "recall": r, "class_accuracy": a, "diversity": d,
+             "fid": 1.0, "n_samples": 10, **fields, **extra} for p, r, a, d, extra in points]
+
+
+def test_temperature_rows_are_a_curve_of_their_own_ordered_from_hot_to_cold():
+    """ce's temperature rows (guidance 2 throughout) are the curve 'ce (temperature)':
+    sorted by falling temperature, precision rises 0.3 -> 0.5 -> 0.7 (no pooling) and the
+    recall at 0.6 is halfway between 0.5 and 0.3. Truncation rows form the table: the
+    untruncated row at guidance 2 beside the truncated one."""
+    guidance = _rows("guidance", [(0.2, 0.6, 0.8, 1.0, {"guidance": 1.0}),
+                                  (0.8, 0.2, 1.0, 0.5, {"guidance": 2.0})], temperature=1.0)
+    hot = _rows("temperature", [(0.5, 0.5, 0.9, 0.9, {"temperature": 1.0}),
+                                (0.3, 0.7, 0.85, 1.1, {"temperature": 1.25}),
+                                (0.7, 0.3, 0.95, 0.7, {"temperature": 0.8})], guidance=2.0)
+    cut = _rows("truncation", [(0.9, 0.1, 1.0, 0.4, {"top_k": 90, "top_p": 0.95})],
+                guidance=2.0, temperature=1.0)
+    ce = {"variant": "ce", "seed": 0, "feature_extractor": "evaluator", "rows": guidance + hot + cut}
+    up = _sweep("up", 0, [(1, 0.2, 0.9, 0.8, 1.0, 5), (2, 0.8, 0.3, 1.0, 0.6, 4)])  # old format
+    summary = summarize({"ce": {0: ce}, "up": {0: up}}, ["ce", "ce (temperature)"])
+    assert list(summary["variants"]) == ["ce", "up", "ce (temperature)"]
+    assert summary["variants"]["ce (temperature)"]["temperature"] == [0.8, 1.0, 1.25]
+    assert [r["temperature"] for r in summary["curves"]["ce (temperature)"]] == [1.25, 1.0, 0.8]
+    assert [r["guidance"] for r in summary["curves"]["ce"]] == [1.0, 2.0]  # no temperature rows
+    # up vs ce (temperature): common precision 0.3-0.7, both straight there: the mean gap is
+    # the gap at 0.5, up 0.9 - 0.6 * 0.5 = 0.6 against 0.5
+    cell = summary["paired"]["ce (temperature)"]["up"]["recall_at_precision"]
+    assert cell["range"] == pytest.approx([0.3, 0.7]) and cell["mean"] == pytest.approx(0.1)
+    table = summary["truncation"]["ce"]
+    assert list(table) == ["untruncated", "top-k 90, top-p 0.95"]
+    assert table["untruncated"]["precision"]["mean"] == 0.8
+    assert table["top-k 90, top-p 0.95"]["diversity"]["values"] == [0.4]
+    text = markdown(summary)
+    assert "sampling-temperature sweep 0.8, 1, 1.25" in text and "### Truncated sampling" in text
+    assert "| ce | top-k 90, top-p 0.95 | 2 | 0 |" in text

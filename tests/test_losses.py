@@ -337,7 +337,7 @@ def test_build_token_loss_kinds_and_parts():
 
 
 def test_build_token_loss_rejects_unknown_names():
-    with pytest.raises(ValueError, match="allowed: ce, ls, lr, up"):
+    with pytest.raises(ValueError, match="allowed: ce, ls, lr, up, kd"):
         build_token_loss("focal")
     with pytest.raises(ValueError, match="unknown options \\['alpha'\\]"):
         build_token_loss("ls", alpha=0.1)
@@ -384,10 +384,12 @@ def _params(variants: dict, derived: dict | None = None):
 
 
 def test_each_declared_loss_has_its_tag_params_model_and_module():
-    assert list(LOSSES) == ["ce", "ls", "lr", "up"]  # ts trains nothing
+    assert list(LOSSES) == ["ce", "ls", "lr", "up", "kd"]  # ts trains nothing
     for name, declared in DECLARATIONS.items():
         assert issubclass(declared.params, LossParams) and declared.name == name
-        assert type(variant_union().validate_python({"loss": name})) is declared.params
+        required = {f: 1.0 for f, info in declared.params.model_fields.items()
+                    if info.is_required() and f != "loss"}  # kd's weight has no default
+        assert type(variant_union().validate_python({"loss": name, **required})) is declared.params
         assert (declared.module is None) == (name == "ts")
         if declared.module is not None:
             assert LOSSES[name] is declared.module and issubclass(declared.module, TokenLoss)
@@ -480,23 +482,22 @@ def test_fit_temperature_is_the_nll_minimiser():
 
 
 @pytest.mark.parametrize("penalty", ["w2", "variance"])
-def test_given_reference_with_per_token_kappa_equals_plain_composition(penalty):
-    """The fused loss with a caller-given p_ref and per-token kappa (teacher, empirical)
-    equals CE + dispersion_penalty + SE match computed by autograd, value and gradient."""
+def test_given_reference_equals_plain_composition(penalty):
+    """The fused loss with a caller-given p_ref (teacher, empirical) equals CE +
+    dispersion_penalty + SE match computed by autograd, value and gradient."""
     torch.manual_seed(3)
     V, C = 16, 4
     c2c = torch.arange(V) % C
     z = torch.randn(3, 5, V, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, V, (3, 5))
     ref = torch.softmax(torch.randn(3, 5, V, dtype=torch.float64), -1)
-    kappa = torch.rand(3, 5, dtype=torch.float64) * 10 + 1
     loss = UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "teacher", "penalty": penalty,
-                                        "lambda_disp": 1.0, "lambda_se": 1.0},
+                                        "kappa": 3.0, "lambda_disp": 1.0, "lambda_se": 1.0},
                                      code_to_cluster=c2c, num_clusters=C)
-    total, _ = loss(z, y, reference=(ref, kappa))
+    total, _ = loss(z, y, reference=ref)
     p = z.softmax(-1)
     plain = (F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(3, 5)
-             + dispersion_penalty(p, ref, kappa, penalty)
+             + dispersion_penalty(p, ref, 3.0, penalty)
              + (semantic_entropy(p, c2c, C) - semantic_entropy(ref, c2c, C)).square())
     assert torch.allclose(total, plain, atol=1e-12)
     g_fused, = torch.autograd.grad(total.sum(), z)
@@ -514,7 +515,7 @@ def test_reference_that_differs_moves_dispersion_towards_it():
     ref = torch.softmax(z.detach() / 3.0, -1)  # same ranking, far wider
     loss = UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "teacher", "lambda_disp": 1.0,
                                         "lambda_se": 0.0})
-    total, parts = loss(z, y, reference=(ref, None))
+    total, parts = loss(z, y, reference=ref)
     g_up, = torch.autograd.grad(total.sum(), z)
     g_ce, = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum"), z)
     assert not torch.allclose(g_up, g_ce)
@@ -534,4 +535,43 @@ def test_reference_argument_is_required_exactly_when_the_reference_is_external()
         UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "empirical"})(z, y)
     with pytest.raises(ValueError, match="takes no"):
         UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": "smoothed"})(
-            z, y, reference=(z.softmax(-1), None))
+            z, y, reference=z.softmax(-1))
+
+
+def _study_batch(n=256, vocab=512, prior=100.0):
+    """One batch built like the over-confidence study: per token a context seen n(c) =
+    100-200 times over 20-40 codes, a_0 = 100 spread uniformly; a student over-confident
+    on the data; a calibrated teacher = softmax(z / T) of logits near the student's.
+    Returns (student logits, targets, empirical p_ref, kappa_ref, teacher p)."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(n, vocab, dtype=D)
+    for row in counts:
+        support = torch.randperm(vocab, generator=gen)[:int(torch.randint(20, 41, (1,), generator=gen))]
+        weight = torch.rand(len(support), generator=gen, dtype=D) ** 2 + 0.05
+        draws = torch.multinomial(weight, int(torch.randint(100, 201, (1,), generator=gen)),
+                                  replacement=True, generator=gen)
+        row[support] = draws.bincount(minlength=len(support)).to(D)
+    n_c = counts.sum(1, keepdim=True)
+    p_ref, kappa_ref = (counts + prior / vocab) / (n_c + prior), (n_c + prior).squeeze(1)
+    targets = torch.multinomial(counts / n_c, 1, generator=gen).squeeze(1)
+    z = 1.5 * (counts / n_c + 1e-3).log() + 0.5 * torch.randn(n, vocab, generator=gen, dtype=D)
+    teacher = ((z + 0.3 * torch.randn(n, vocab, generator=gen, dtype=D)) / 1.6).softmax(-1)
+    return z, targets, p_ref, kappa_ref, teacher
+
+
+def test_empirical_dispersion_term_is_as_strong_as_the_teachers():
+    """At the study's counts the empirical reference's L_disp (read at up.kappa, like
+    every reference) is within a factor 3 of the teacher's on the same batch; read at
+    the counts' own evidence kappa_ref(c) = n(c) + a_0 (the old specification) it was
+    more than 30x smaller: switched off."""
+    z, y, p_ref, kappa_ref, teacher = _study_batch()
+    assert 200 <= kappa_ref.min() and kappa_ref.max() <= 300
+    disp = {}
+    for name, ref in (("empirical", p_ref), ("teacher", teacher)):
+        loss = UncertaintyPreservingLoss(**{**UP_OPTIONS, "reference": name, "lambda_disp": 1.0})
+        disp[name] = float(loss(z, y, reference=ref)[1]["disp"].mean())
+    assert 1 / 3 < disp["empirical"] / disp["teacher"] < 3
+    p = z.softmax(-1)
+    old = (dirichlet_variance(p, kappa_ref).sqrt()
+           - dirichlet_variance(p_ref, kappa_ref).sqrt()).square().sum(-1).mean()
+    assert disp["empirical"] > 30 * float(old)

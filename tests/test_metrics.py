@@ -74,7 +74,9 @@ def test_selective_computes_its_declared_keys():
     real = {"features": torch.randn(30, 4, generator=g), "logits": torch.randn(30, 3, generator=g),
             "fid": torch.randn(30, 4, generator=g)}
     computed = {**selective.set_figures(gen, real, classes, classes, classes[:30], 3),
-                **selective.selective_figures(rows, stats, 0.5)}
+                **selective.selective_figures(rows, stats, 0.5),
+                **selective.failure_labels(gen["features"], gen["logits"].argmax(1), classes,
+                                           real["features"], classes[:30], 1, 1.0, 0)[2]}
     assert set(summary_keys(selective.METRICS)) <= set(computed)
 
 

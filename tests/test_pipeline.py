@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -41,8 +42,8 @@ def test_repro_writes_every_stage_output(repro):
         for key in ("fid", "kid_mean", "is_mean", "precision", "recall", "ece", "diversity"):
             assert isinstance(metrics[key], float), key
     summary = json.loads((repro / "results/summary.json").read_text())["variants"]
-    assert list(summary) == ["ce", "ls", "lr", "up", "up_emp", "ce+ts", "up_teacher"]
-    reference = json.loads((repro / "metrics/reference.json").read_text())
+    assert list(summary) == ["ce", "ls", "lr", "up", "up_emp", "ce+ts", "ce+ts-sampler", "up_teacher"]
+    reference = json.loads((repro / "metrics/reference-s0.json").read_text())
     assert reference["context"] in ("parent", "parent_class")
     assert reference["heldout_nll"] == min(r["heldout_nll"] for r in reference["candidates"])
     assert summary["ce"]["metrics"]["fid"]["mean"] == metrics_of(repro, "ce")["fid"]
@@ -57,6 +58,38 @@ def test_metrics_show_lists_every_stage(repro):
     prepare = files["metrics/prepare.json"]["data"]
     assert prepare["splits"]["train"]["total"] + prepare["splits"]["val"]["total"] \
         + prepare["splits"]["test"]["total"] == 1797
+
+
+def test_study_runs_in_lanes_and_keeps_each_run_whole(repro, tmp_path):
+    """`up study` on a committed copy of the tiny project: every run's artifacts under
+    results/<study>/runs/<run>/ with the commit it ran at; a second call skips them; a
+    dirty checkout is refused before any work."""
+    project = tmp_path / "p"
+    shutil.copytree(repro, project, ignore=shutil.ignore_patterns(".dvc"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params.update(variants={"ce": {"loss": "ce"}}, derived={"ce+ts": {"loss": "ts"}})
+    (project / "profiles/tiny.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "study profile"], project)
+    head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    study = ["up", "study", "tiny", "--profile", "profiles/tiny.yaml", "--lanes", "2"]
+    out = run(study, project).stdout
+    for tag in ("ce-s0", "ce+ts-s0"):
+        folder = project / "results/tiny/runs" / tag
+        assert {f.name for f in folder.iterdir()} == {"train.json", "curve.tsv", "eval.json", "eval",
+                                                      "sweep.json", "edit.json", "params.json",
+                                                      "provenance.json"}
+        provenance = json.loads((folder / "provenance.json").read_text())
+        assert provenance["commit"] == head and provenance["profile"] == "profiles/tiny.yaml"
+        assert json.loads((folder / "eval.json").read_text()) == \
+            json.loads((project / f"metrics/eval-{tag}.json").read_text())
+        assert (folder / "eval/per_sample.json").is_file()
+    assert "ce-s0: model trained" not in out  # the repro's ce model had these params
+    assert "already in" in run(study, project).stdout
+    (project / "README.md").write_text("changed\n")
+    refused = run(study, project, check=False)
+    assert refused.returncode == 1 and "uncommitted changes (README.md" in refused.stderr
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from up.training.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
-GPU_PROFILES = [p for p in PROFILES if p.stem != "overconfident"]
+RUN_MAPS = ("variants", "derived")
+GPU_PROFILES = [p for p in PROFILES if not p.stem.startswith("overconfident")]  # CPU studies
 PARAMS_FILES = [*PROFILES, ROOT / "params.yaml"]
 
 
@@ -39,25 +40,36 @@ def _load(profile: Path, tmp_path, monkeypatch):
 
 
 def _key_paths(params: dict) -> set[str]:
-    """Every key to one level inside each section (data.image_size, variants.up), and the
-    options of each variant (variants.up.kappa): what a complete params file spells out."""
+    """Every key to one level inside each section (data.image_size): what a complete params
+    file spells out. The run maps (variants, derived) name a profile's own runs: their
+    options are checked per loss below."""
     paths = set()
     for key, value in params.items():
         paths.add(key)
-        for sub, inner in (value.items() if isinstance(value, dict) else ()):
-            paths.add(f"{key}.{sub}")
-            if key in ("variants", "derived") and isinstance(inner, dict):
-                paths.update(f"{key}.{sub}.{option}" for option in inner)
+        if key not in RUN_MAPS and isinstance(value, dict):
+            paths.update(f"{key}.{sub}" for sub in value)
     return paths
+
+
+def _runs(params: dict) -> dict[str, dict]:
+    return {f"{group}.{name}": run for group in RUN_MAPS for name, run in params[group].items()}
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
 def test_profile_has_every_key_of_params_yaml(profile):
     """A profile replaces params.yaml whole: a key added to params.yaml (dvc.yaml may name
-    it) must be added to every profile too, with the value that suits it."""
-    default = _key_paths(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    missing = default - _key_paths(yaml.safe_load(profile.read_text()))
+    it) must be added to every profile too, with the value that suits it; and each of its
+    runs spells every option params.yaml spells for that loss (nothing left to a default)."""
+    spelled = yaml.safe_load((ROOT / "params.yaml").read_text())
+    given = yaml.safe_load(profile.read_text())
+    missing = _key_paths(spelled) - _key_paths(given)
     assert not missing, f"{profile.name} lacks {sorted(missing)} (present in params.yaml)"
+    options = {}
+    for entry in _runs(spelled).values():
+        options.setdefault(entry["loss"], set(entry))
+    unspelled = [f"{where}: {sorted(options.get(e['loss'], set()) - set(e))}"
+                 for where, e in _runs(given).items() if options.get(e["loss"], set()) - set(e)]
+    assert not unspelled, f"{profile.name}: runs without options params.yaml spells: {unspelled}"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +92,9 @@ def test_profile_resolves_the_pipeline(profile, project, monkeypatch):
     for stage, group in (("train", "variants"), ("train_derived", "derived")):
         expected = {f"{stage}@{v}-{s}" for v in params[group] for s in params["seeds"]}
         assert expected and {n for n in listed if n.startswith(f"{stage}@")} == expected, stage
-    assert {"prepare", "tokenizer", "reference", "report"} <= set(listed)
+    assert {n for n in listed if n.startswith("reference@")} == {f"reference@{s}"
+                                                                 for s in params["seeds"]}
+    assert {"prepare", "tokenizer", "report"} <= set(listed)
 
 
 @pytest.mark.parametrize("profile", GPU_PROFILES, ids=[p.stem for p in GPU_PROFILES])
@@ -141,8 +155,9 @@ def test_every_stage_fits_one_80gb_gpu(path, estimates):
     built on the meta device: activations + weights/optimiser per GPU under 80 GB."""
     params, rows = estimates(path)
     trained = [v for v in params.runs.values() if v.loss != "ts"]
+    swept = ["sweep"] * (1 + bool(params.sweep.temperature_variants and params.sweep.temperatures))
     assert [r.component.split(" ")[0] for r in rows] == \
-        ["tokenizer"] + ["train"] * len(trained) + ["sample", "sweep"]
+        ["tokenizer"] + ["train"] * len(trained) + ["sample", *swept]
     for row in rows:
         assert 0 < row.total < GPU_GB * GB, f"{path.name}: {row.component} {row.total / GB:.1f} GB"
         assert row.fwd_flops > 0
@@ -253,14 +268,16 @@ def test_imagenet100_is_cmc_list(tmp_path, monkeypatch):
 
 def test_paper_profiles_fine_tune_var_d16_untruncated(tmp_path, monkeypatch):
     """The paper's settings: VAR-d16 from the released weights, 256 px, every variant plus
-    the derived ce+ts, sampled untruncated (the truncated pass is an experiment: header)."""
+    the derived ce+ts and ce+ts-sampler, sampled untruncated (the truncated pass is an
+    experiment: header)."""
     for name in ("imagenet100-var-d16-finetune", "afhq256-var-d16-finetune"):
         path = ROOT / f"profiles/{name}.yaml"
         params = _load(path, tmp_path, monkeypatch)
         assert params.data.source == "imagefolder" and params.data.image_size == 256
         assert params.tokenizer.init_from and params.train.init_from
         assert (params.transformer.depth, params.transformer.width) == (16, 1024)
-        assert set(params.variants) == {"ce", "ls", "lr", "up"} and set(params.derived) == {"ce+ts"}
+        assert set(params.variants) == {"ce", "ls", "lr", "up"}
+        assert set(params.derived) == {"ce+ts", "ce+ts-sampler"}
         assert (params.sample.top_k, params.sample.top_p) == (0, 1.0)
         assert "-S sample.top_k=900 -S sample.top_p=0.95" in path.read_text().split("\nseed:")[0]
     afhq = _load(ROOT / "profiles/afhq256-var-d16-finetune.yaml", tmp_path, monkeypatch)

@@ -12,7 +12,7 @@ from up.core.errors import StageError
 from up.core.io import save_image_grid, save_json
 from up.core.params import load_params
 from up.evaluation.metrics import headline_keys, main_columns, tables
-from up.evaluation.report import METRICS, paired_differences
+from up.evaluation.report import METRICS, paired_differences, paired_keys
 from up.generation.scores import IMAGE_SCORES as RANKED
 
 MAIN_COLUMNS = main_columns(METRICS)
@@ -114,7 +114,7 @@ def test_single_seed_cells_are_the_values(tmp_path, monkeypatch):
              f"[{metrics['auroc_entropy_lo']:.3g}, {metrics['auroc_entropy_hi']:.3g}] |")
     assert auroc in selective
     assert f"| ce | 3 | 100 / 50 | {metrics['selective_fid_entropy']:.4g} |" in selective
-    assert len([line for line in selective.splitlines() if line.startswith("| ce |")]) == 4
+    assert len([line for line in selective.splitlines() if line.startswith("| ce |")]) == len(tables(METRICS))
 
 
 def test_selective_tables_show_mean_and_std_over_seeds(tmp_path, monkeypatch):
@@ -180,3 +180,8 @@ def test_report_has_paired_tables_against_teacher_and_ts(tmp_path, monkeypatch):
     assert paired["ce+ts"]["up"]["fid"]["mean"] == pytest.approx(10.0 - 0.375)
     text = (tmp_path / "results/summary.md").read_text()
     assert "### Paired with `ce`" in text and "### Paired with `ce+ts`" in text
+    # Holm family: the pairs {ce, ce+ts}, {ce, up}, {ce+ts, up} over every paired column,
+    # less up's class accuracy (null) against both baselines
+    m = 3 * len(paired_keys()) - 2
+    assert f"Confirmatory comparisons: {m} " in text and "p-values, paired with `ce+ts`" in text
+    assert paired["ce"]["ce+ts"]["fid"]["p_holm"] == paired["ce+ts"]["ce"]["fid"]["p_holm"]

@@ -139,18 +139,21 @@ def tiny_project(root: Path) -> Path:
                     variant={"loss": "ce"}, temperatures=None, step=1),
                root / "models" / "var-ce-s0.pt")
     save_evaluator(Evaluator(1, CLASSES, [8], 8), root / "models" / "evaluator.pt")
-    real = torch.randint(0, 256, (8 * CLASSES, 1, SIDE, SIDE), dtype=torch.uint8,
+    # 8 test and 16 training images per class (realism: k + 1 per half of a class)
+    real = torch.randint(0, 256, (24 * CLASSES, 1, SIDE, SIDE), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(1))
     with array_writer(root / "data/prepared/images.npy", tuple(real.shape), "uint8") as out:
         out.write(0, real.numpy())
-    save_split_index(root / "data/prepared", {"test": np.arange(len(real))},
+    save_split_index(root / "data/prepared", {"test": np.arange(8 * CLASSES),
+                                              "train": np.arange(8 * CLASSES, len(real))},
                      np.arange(len(real)) % CLASSES, [str(c) for c in range(CLASSES)])
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(device="cpu", threads=1)
     params["train"]["batch_size"] = 5  # 12 val items: calibration batches of 5, 5, 2
     params["sample"].update(n_per_class=5, batch_size=6, grid_per_class=2)  # batches 6, 6, 3
     params["evaluate"].update(kid_subset_size=5, kid_subsets=4, bootstrap=20, random_repeats=2)
-    params["sweep"].update(guidance=[3.0, 0.5], n_per_class=4)  # 12 samples: batches 6, 6
+    params["sweep"].update(guidance=[3.0, 0.5], temperatures=[1.25], temperature_variants=["ce"],
+                           truncation=True, n_per_class=4)  # 12 samples: batches 6, 6
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -209,7 +212,8 @@ def test_two_processes_evaluate_the_figures_of_one(projects, monkeypatch):
     in_process(one, monkeypatch, "sample")
     shutil.copytree(one / "samples", two / "samples")
     config = FidelityConfig(weights_path=str(one / "models/evaluator.pt"))
-    real = FidelityFeatures(config)(torch.from_numpy(np.load(one / "data/prepared/images.npy")))
+    test = np.load(one / "data/prepared/images.npy")[:8 * CLASSES]  # the test split's rows
+    real = FidelityFeatures(config)(torch.from_numpy(test))
     np.savez(one / "ref.npz", mu=real["fid"].double().mean(0).numpy(),
              sigma=np.cov(real["fid"].double().numpy(), rowvar=False))
     for root in (one, two):
@@ -236,9 +240,12 @@ def test_two_processes_sweep_the_rows_of_one(projects, monkeypatch):
     text = (one / "metrics/sweep-ce-s0.json").read_text()
     assert (two / "metrics/sweep-ce-s0.json").read_text() == text
     rows = json.loads(text)["rows"]
-    assert [r["guidance"] for r in rows] == [0.5, 3.0]
+    guidance = yaml.safe_load((one / "params.yaml").read_text())["sample"]["guidance"]
+    assert [(r["axis"], r["guidance"], r["temperature"], r["top_k"], r["top_p"]) for r in rows] \
+        == [("guidance", 0.5, 1.0, 0, 1.0), ("guidance", 3.0, 1.0, 0, 1.0),
+            ("temperature", guidance, 1.25, 0, 1.0), ("truncation", guidance, 1.0, 4, 0.95)]
     assert all(r["n_samples"] == 4 * CLASSES for r in rows)
-    assert rows[0]["fid"] != rows[1]["fid"]
+    assert len({r["fid"] for r in rows}) == len(rows)
 
 
 # -- fidelity from features ---------------------------------------------------------------

@@ -11,7 +11,7 @@ from PIL import Image
 from tests.project import ROOT
 from up.core.io import load_torch, save_torch
 from up.generation.sampler import batch_generator, filter_logits, guidance_ratio, sample
-from up.generation.scores import aggregate, fine_mean, image_scores
+from up.generation.scores import aggregate
 from up.models.tokenizer import MultiScaleVQVAE
 from up.models.transformer import VAR
 
@@ -185,17 +185,6 @@ def test_conditional_entropy_and_surprisal_equal_a_cond_only_forward(models, gui
                                    rtol=1e-4, atol=1e-5)
     if guidance > 0 or temperature != 1.0:  # they differ from the sampled distribution's
         assert (unc["maps"]["cond_entropy"][-1] - unc["maps"]["entropy"][-1]).abs().max() > 1e-3
-
-
-def test_image_scores_by_hand():
-    maps = {"h": [torch.tensor([[[1.0]], [[3.0]]]),
-                  torch.tensor([[[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 5.0]]])]}
-    scores = image_scores(maps, fine_scales=1)
-    torch.testing.assert_close(scores["h"], torch.tensor([9.0 / 5, 8.0 / 5]))
-    torch.testing.assert_close(scores["h_fine"], torch.tensor([2.0, 1.25]))
-    torch.testing.assert_close(fine_mean(maps["h"], 2), scores["h"])
-    with pytest.raises(ValueError):
-        fine_mean(maps["h"], 3)
 
 
 def test_guidance_zero_ignores_the_null_class():

@@ -23,15 +23,17 @@ from up.core.distributed import Dist
 from up.core.errors import StageError
 from up.core.io import load_torch
 from up.core.runtime import setup
-from up.data.tokens import TeacherForcing, training_ids
-from up.models.tokenizer import MultiScaleVQVAE
+from up.data.tokens import TeacherForcing, load_token_split, training_ids
+from up.models.tokenizer import MultiScaleVQVAE, load_tokenizer
 from up.models.transformer import VAR
 from up.training.run import (
     build_run,
     drop_labels,
+    finish,
     param_groups,
     token_weights,
     train,
+    training_compute,
 )
 
 
@@ -190,6 +192,14 @@ def test_up_variant_trains_with_finite_parts_and_temperatures(project):
     last = rows[-1]
     assert last["loss"] == pytest.approx(last["ce"] + 0.5 * last["disp"] + 0.1 * last["se"],
                                          rel=1e-4)
+    # each term's dose: its weight times the logged part, per row and at the end
+    for row in rows:
+        assert row["dose_disp"] == pytest.approx(0.5 * row["disp"], rel=1e-5)
+        assert row["dose_se"] == pytest.approx(0.1 * row["se"], rel=1e-5)
+        assert "dose_kd" not in row
+    assert result.metrics["dose"] == {"ce": last["ce"], "disp": last["dose_disp"],
+                                      "se": last["dose_se"]}
+    assert set(result.metrics["final_loss"]) == {"loss", "ce", "disp", "se"}
 
 
 def test_stage_writes_outputs_and_learns(project):
@@ -218,28 +228,97 @@ def test_stage_writes_outputs_and_learns(project):
     assert metrics["train_images"] == 32  # 40 minus the calibration slice of 20 %
     tsv = (project / "plots" / "train" / "ls-s0.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:3] == ["step", "lr", "loss"] and len(tsv) == 4
+    assert not any(c.startswith("dose_") for c in tsv[0].split("\t"))  # ls adds no term
+    assert metrics["dose"] == {"ce": float(tsv[-1].split("\t")[3])}
+    # the calibration slice's NLL: every token of its 8 images, the model's own probabilities
+    _, calib_ids = training_ids(torch.arange(40) % 3, 0.2, 0, seed=0, train_seed=0)
+    split = load_token_split(project / "data" / "tokens", "train",
+                             load_tokenizer(project / "models" / "tokenizer.pt"), torch.device("cpu"))
+    labels, inputs, targets = split.batch(calib_ids, torch.device("cpu"))
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(labels, inputs).flatten(0, 1), targets.flatten())
+    assert metrics["calib"] == {"nll": pytest.approx(float(nll), rel=1e-5), "tokens": 8 * 21}
+    # training compute: 3 forwards' worth per image per step, no teacher
+    flops = 3 * model.forward_flops() * 30 * 8 / 1e9
+    assert metrics["compute"] == {"student_gflop": pytest.approx(flops), "teacher_gflop": 0.0,
+                                  "total_gflop": pytest.approx(flops)}
     val_ce = [float(line.split("\t")[-1]) for line in tsv[1:]]
     assert val_ce[-1] < val_ce[0]
     resolved = json.loads((project / "models" / "var-ls-s0.params.json").read_text())
     assert resolved["train"]["steps"] == 30 and resolved["variant"] == "ls"
 
 
+def _training_ids_before_seeds(labels, calib_fraction, images_per_class, seed):
+    """training_ids as it was before training seeds drew the subset (the first n of each
+    class in the pipeline seed's order): the default run's images must not change."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    held = round(calib_fraction * len(labels))
+    calib, fit = perm[:held], perm[held:]
+    if images_per_class > 0:
+        fit_labels = labels[fit]
+        rank = torch.zeros_like(fit)
+        for c in fit_labels.unique():
+            mask = fit_labels == c
+            rank[mask] = torch.arange(int(mask.sum()))
+        fit = fit[rank < images_per_class]
+    return fit.sort().values, calib.sort().values
+
+
+def test_forward_flops_by_hand_and_against_the_flop_counter():
+    """V 16, C 4, scales 1 and 2 (L 5), one block of width 8, MLP 32: per image
+    word_embed 2*4*4*8 = 256; block: ada 2*8*48 = 768, qkv 2*5*8*24 = 1920, attention
+    4*5*5*8 = 800, proj 2*5*8*8 = 640, MLP 4*5*8*32 = 5120; head: ada 2*8*16 = 256,
+    out 2*5*8*16 = 1280."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = VAR(16, 4, [1, 2], 3, depth=1, width=8, heads=2)
+    assert model.forward_flops() == 256 + 768 + 1920 + 800 + 640 + 5120 + 256 + 1280
+    # torch's counter agrees on the matrix products (on CPU it does not see the
+    # masked attention, the 4 L^2 W per block added here)
+    model = VAR(V, 4, PATCH_NUMS, CLASSES, depth=2, width=32, heads=2)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(3, dtype=torch.long), torch.randn(3, model.seq_len - 1, 4))
+    attention = 2 * 4 * model.seq_len ** 2 * 32
+    assert model.forward_flops() == counter.get_total_flops() / 3 + attention
+    teacher = VAR(V, 4, PATCH_NUMS, CLASSES, depth=1, width=32, heads=2)
+    cost = training_compute(model, steps=10, batch_size=4, teacher=teacher)
+    assert cost["student_gflop"] == pytest.approx(3 * model.forward_flops() * 40 / 1e9)
+    assert cost["teacher_gflop"] == pytest.approx(teacher.forward_flops() * 40 / 1e9)
+    assert cost["total_gflop"] == pytest.approx(cost["student_gflop"] + cost["teacher_gflop"])
+
+
 def test_calibration_slice_is_disjoint_seeded_and_shared(project):
     labels = torch.arange(100) % 5
-    fit, calib = training_ids(labels, 0.2, 0, seed=0)
+    fit, calib = training_ids(labels, 0.2, 0, seed=0, train_seed=0)
     assert len(calib) == 20 and len(fit) == 80
     assert not set(fit.tolist()) & set(calib.tolist())
-    assert torch.equal(training_ids(labels, 0.2, 0, seed=0)[1], calib)
-    small, calib_small = training_ids(labels, 0.2, 3, seed=0)
-    assert torch.equal(calib_small, calib)  # the slice does not depend on images_per_class
-    assert torch.bincount(labels[small]).tolist() == [3] * 5
-    # every variant, and every training seed, trains on the same images
+    old_fit, old_calib = _training_ids_before_seeds(labels, 0.2, 0, seed=0)
+    assert torch.equal(fit, old_fit) and torch.equal(calib, old_calib)
+    for train_seed in (1, 7):  # all images: the training seed plays no part
+        again = training_ids(labels, 0.2, 0, seed=0, train_seed=train_seed)
+        assert torch.equal(again[0], fit) and torch.equal(again[1], calib)
+    # images_per_class > 0: the training seed draws the subset, never from the slice
+    subsets = {}
+    for train_seed in range(4):
+        small, calib_small = training_ids(labels, 0.2, 3, seed=0, train_seed=train_seed)
+        assert torch.equal(calib_small, calib)  # fixed by the pipeline seed alone
+        assert torch.bincount(labels[small]).tolist() == [3] * 5
+        assert not set(small.tolist()) & set(calib.tolist())
+        subsets[train_seed] = small
+        assert torch.equal(training_ids(labels, 0.2, 3, seed=0, train_seed=train_seed)[0], small)
+    assert len({tuple(x.tolist()) for x in subsets.values()}) == 4  # every seed its own
+    # every variant trains on the same images; training seeds too when all are used
     params = params_from_yaml(**tiny_params())
     ids = {(v, s): build_run(params, v, s, run_paths(project)).fit_ids
            for v in ("ce", "ls", "up") for s in (0, 1)}
     first = ids[("ce", 0)]
     assert all(torch.equal(first, other) for other in ids.values())
     assert len(first) == 32
+    small = params_from_yaml(**tiny_params(train={"images_per_class": 4}))
+    ids = {(v, s): build_run(small, v, s, run_paths(project)).fit_ids
+           for v in ("ce", "up") for s in (0, 1)}
+    assert torch.equal(ids[("ce", 0)], ids[("up", 0)]) and torch.equal(ids[("ce", 1)], ids[("up", 1)])
+    assert not torch.equal(ids[("ce", 0)], ids[("ce", 1)]) and len(ids[("ce", 0)]) == 12
 
 
 def test_teacher_reference_is_frozen_and_changes_the_gradient(project):
@@ -261,6 +340,21 @@ def test_teacher_reference_is_frozen_and_changes_the_gradient(project):
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert state.log.rows[-1]["disp"] > 0  # the teacher differs from the student
+    compute = finish(state, params_from_yaml(**params)).metrics["compute"]  # pays the teacher
+    assert compute["teacher_gflop"] == pytest.approx(teacher.forward_flops() * 4 * 8 / 1e9)
+    assert compute["total_gflop"] == pytest.approx(4 * teacher.forward_flops() * 4 * 8 / 1e9)
+
+    # kd distils the same frozen, tempered teacher; its dose is lambda_kd x KL
+    params["derived"]["kd"] = {"loss": "kd", "lambda_kd": 3.0}
+    kd = build_run(params_from_yaml(**params), "kd", 0, run_paths(project, "kd.pt", teacher_file))
+    assert isinstance(kd.reference, type(state.reference))
+    assert torch.equal(kd.reference.temperatures, state.reference.temperatures)
+    train(kd, project / "kd.pt")
+    rows = kd.log.rows
+    assert all(r["dose_kd"] == pytest.approx(3.0 * r["kd"], rel=1e-5) and r["kd"] > 0 for r in rows)
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["ce"] + rows[-1]["dose_kd"], rel=1e-4)
+    metrics = finish(kd, params_from_yaml(**params)).metrics
+    assert metrics["dose"] == {"ce": rows[-1]["ce"], "kd": rows[-1]["dose_kd"]}
 
     # The same batch and weights: the up gradient is not the CE gradient.
     labels, inputs, targets = state.data.batch(state.fit_ids[:8], state.device)
@@ -336,3 +430,31 @@ def test_token_sample_respects_the_size_per_scale():
     assert torch.equal(everything.ids, ids) and bool(everything.mask.all())
     halves = [everything.shard(Dist(rank, 2)) for rank in (0, 1)]
     assert torch.equal(torch.cat([h.ids for h in halves]), ids)
+
+
+def test_empirical_reference_is_counted_per_training_seed(project):
+    """reference@seed counts the images that seed trains on (images_per_class > 0: its
+    own draw) into models/reference-s<seed>.pt, and the seed's run trains against it;
+    another seed's table is refused."""
+    import stages.reference
+    import stages.train
+
+    params = tiny_params(train={"steps": 2, "images_per_class": 4})
+    params["variants"]["up_emp"] = {"loss": "up", "reference": "empirical", "lambda_disp": 2.0}
+    setup(0, 1)
+    for seed in (0, 1):
+        stages.reference.run(params_from_yaml(**params), seed)
+    tables = [load_torch(project / "models" / f"reference-s{seed}.pt") for seed in (0, 1)]
+    assert [len(t["fit_ids"]) for t in tables] == [12, 12]
+    assert not torch.equal(tables[0]["fit_ids"], tables[1]["fit_ids"])
+    assert (project / "metrics" / "reference-s1.json").is_file()
+    stages.train.run(params_from_yaml(**params), "up_emp", 1)
+    rows = (project / "plots" / "train" / "up_emp-s1.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    disp = [float(r.split("\t")[header.index("disp")]) for r in rows[1:]]
+    dose = [float(r.split("\t")[header.index("dose_disp")]) for r in rows[1:]]
+    assert all(d > 0 for d in disp) and dose == pytest.approx([2.0 * d for d in disp], rel=1e-5)
+    paths = run_paths(project, "emp.pt")
+    paths.reference = project / "models" / "reference-s0.pt"
+    with pytest.raises(StageError, match="other training images"):
+        build_run(params_from_yaml(**params), "up_emp", 1, paths)

@@ -221,9 +221,17 @@ class SampleParams(Section):
 
 
 class SweepParams(Section):
-    """The guidance sweep (sweep@ stages) and the matched quality of the frontier stage."""
+    """The sweep (sweep@ stages: one row per setting, on three axes) and the matched
+    quality of the frontier stage."""
 
     guidance: list[Annotated[float, Field(ge=0)]] = Field(min_length=2)
+    # the temperature axis: sampling temperatures at sample.guidance, for these runs only
+    temperatures: list[Annotated[float, Field(gt=0)]]
+    temperature_variants: list[str]
+    # the truncation row: top-k of this fraction of the vocabulary and top-p, at sample.guidance
+    truncation: bool
+    top_k_fraction: float = Field(gt=0, le=1)
+    top_p: float = Field(gt=0, le=1)
     n_per_class: int = Field(ge=1)
     # the quality level recall / diversity are read at; null = the midpoint of the range
     # every run's curve reaches (see up/evaluation/frontier.py)
@@ -232,9 +240,29 @@ class SweepParams(Section):
 
     @model_validator(mode="after")
     def _distinct(self) -> SweepParams:
-        if len(set(self.guidance)) != len(self.guidance):
-            raise ValueError(f"sweep.guidance has repeated values: {self.guidance}")
+        for key in ("guidance", "temperatures", "temperature_variants"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"sweep.{key} has repeated values: {values}")
         return self
+
+
+class EditParams(Section):
+    """The edit@ stages: in-/out-painting and class editing of test images (the sample
+    section's sampling settings; masks parsed by up.generation.editing.named_mask)."""
+
+    masks: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    images_per_class: int = Field(ge=1)  # test images edited per class (seeded by `seed`)
+    fills_per_image: int = Field(ge=2)  # the fills' disagreement and diversity need two
+    class_shift: int = Field(ge=0)  # class editing: class (c + shift) mod C; 0 = off
+    grid_rows: int = Field(ge=1, le=100)  # rows of each task's grid: one image per class
+
+    @field_validator("masks")
+    @classmethod
+    def _distinct_masks(cls, masks: list[str]) -> list[str]:
+        if len(set(masks)) != len(masks):
+            raise ValueError(f"repeated masks: {masks}")
+        return masks
 
 
 class EvaluatorParams(Section):
@@ -260,7 +288,9 @@ class EvaluateParams(Section):
     ece_bins: int = Field(ge=2)
     selective_fractions: list[Annotated[float, Field(gt=0, le=1)]]
     random_repeats: int = Field(ge=1)
-    fine_scales: int = Field(ge=1)  # image score "<measure>_fine": mean over the finest scales
+    realism_k: int = Field(ge=1)  # realism: k-th nearest real neighbour's radius
+    # realism against at most this many training images per class (seeded; 0 = all)
+    realism_per_class: int = Field(ge=0)
     realism_threshold: float = Field(gt=0)  # failed sample: realism below it (or misclassified)
     bootstrap: int = Field(ge=1)  # stratified bootstrap draws for the 95 % intervals
 
@@ -288,9 +318,11 @@ class Params(BaseSettings):
     variants: dict[str, Variant]
     teacher: str
     derived: dict[str, Variant]
+    post_hoc: list[str]  # runs temperature-scaled post hoc: each gets a run `<name>+ts`
     reference: ReferenceParams
     sample: SampleParams
     sweep: SweepParams
+    edit: EditParams
     evaluator: EvaluatorParams
     evaluate: EvaluateParams
 
@@ -319,18 +351,55 @@ class Params(BaseSettings):
         both = sorted(set(self.variants) & set(self.derived))
         if both:
             raise ValueError(f"{both} declared under both variants and derived")
+        declared = {**self.variants, **self.derived}
+        for name in self.post_hoc:
+            if name not in declared or declared[name].loss == POST_HOC_LOSS:
+                raise ValueError(f"post_hoc lists {name!r}: give a trained run of variants or "
+                                 f"derived (not loss {POST_HOC_LOSS})")
+        taken = sorted(set(self.post_hoc_runs) & set(declared))
+        if taken or len(set(self.post_hoc)) != len(self.post_hoc):
+            raise ValueError(f"post_hoc {self.post_hoc} repeats a name or makes runs "
+                             f"{taken} that are declared already")
+        bad = sorted(set(self.sweep.temperature_variants) - set(self.runs))
+        if bad:
+            raise ValueError(f"sweep.temperature_variants {bad} are not runs; runs: "
+                             f"{sorted(self.runs)}")
         return self
 
     @property
+    def post_hoc_runs(self) -> dict[str, Variant]:
+        """The `<name>+ts` run of each `post_hoc` entry: temperatures fitted on the
+        calibration slice over that run's model, a calibrator (its samples are the
+        model's own; the loss's default settings)."""
+        return {post_hoc_run(name): Variant(loss=POST_HOC_LOSS) for name in self.post_hoc}
+
+    @property
     def runs(self) -> dict[str, Variant]:
-        """Every evaluated variant: the trained ones, then the derived ones."""
-        return {**self.variants, **self.derived}
+        """Every evaluated variant: the trained ones, the derived ones, the post-hoc ones."""
+        return {**self.variants, **self.derived, **self.post_hoc_runs}
+
+    def base(self, name: str) -> str | None:
+        """The run whose model run ``name`` is built from (DVC makes it first): the
+        `teacher` for `derived` runs, ``<base>`` for a post-hoc ``<base>+ts``, None for
+        runs trained from the data alone."""
+        self.variant(name)  # ParamsError when not declared
+        if name in self.derived:
+            return self.teacher
+        return next((base for base in self.post_hoc if post_hoc_run(base) == name), None)
 
     def variant(self, name: str) -> Variant:
         """The untyped section of a declared variant (typed: up.training.losses.variant_params)."""
         if name not in self.runs:
             raise ParamsError([f"variant {name!r} is not declared; declared: {sorted(self.runs)}"])
         return self.runs[name]
+
+
+POST_HOC_LOSS = "ts"  # the loss of a post_hoc run: temperature scaling (up/training/losses.py)
+
+
+def post_hoc_run(name: str) -> str:
+    """The name of run ``name``'s post-hoc temperature-scaled run."""
+    return f"{name}+{POST_HOC_LOSS}"
 
 
 class ParamsError(Exception):

@@ -9,7 +9,6 @@ PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
 TOKENIZER = Path("models/tokenizer.pt")
 EVALUATOR = Path("models/evaluator.pt")
-REFERENCE = Path("models/reference.pt")
 CHECKPOINTS = Path("checkpoints")
 RESULTS = Path("results")
 
@@ -21,6 +20,12 @@ def run_tag(variant: str, seed: int) -> str:
 
 def model(variant: str, seed: int) -> Path:
     return Path("models") / f"var-{run_tag(variant, seed)}.pt"
+
+
+def reference(seed: int) -> Path:
+    """models/reference-s{seed}.pt: the empirical reference counted over the images that
+    training seed ``seed`` trains on (reference@{seed})."""
+    return Path("models") / f"reference-s{seed}.pt"
 
 
 def samples(variant: str, seed: int) -> Path:
@@ -47,6 +52,17 @@ def eval_plots(variant: str, seed: int) -> Path:
     return Path("plots/eval") / run_tag(variant, seed)
 
 
+def edits(variant: str, seed: int) -> Path:
+    """edits/{variant}-s{seed}: the edit@ stage's grids, one per task (``edit_grid``);
+    its measures go to metrics/edit-{variant}-s{seed}.json."""
+    return Path("edits") / run_tag(variant, seed)
+
+
+def edit_grid(task: str) -> str:
+    """One edit task's grid under edits/<run>/: ``center.png``, ``right_half+class1.png``."""
+    return f"{task}.png"
+
+
 # results/<study>/runs/<run>/ (`up study`): one run's committed artifacts, copied from the
 # pipeline's files above once the run finished, with the commit and machine it ran on
 STUDY_TRAIN = "train.json"  # metrics/train-<run>.json
@@ -54,8 +70,13 @@ STUDY_CURVE = "curve.tsv"  # plots/train/<run>.tsv
 STUDY_EVAL = "eval.json"  # metrics/eval-<run>.json
 STUDY_EVAL_PLOTS = "eval"  # the JSON files of plots/eval/<run>/ (per-sample scores included)
 STUDY_SWEEP = "sweep.json"  # metrics/sweep-<run>.json
+STUDY_EDIT = "edit.json"  # metrics/edit-<run>.json
 STUDY_PARAMS = "params.json"  # models/var-<run>.params.json
 STUDY_PROVENANCE = "provenance.json"  # commit, CPU, threads, torch, start and end times
+# results/<study>/ (`up report --study`): besides the report's files below, the weights the
+# dose-response selected (up.evaluation.dose.select) and its figure
+STUDY_SELECTION = "selection.json"
+STUDY_DOSE_FIGURE = "dose_response.png"
 
 
 def study(name: str) -> Path:
@@ -79,6 +100,7 @@ RISK_COVERAGE_FIGURE = RESULTS / "selective.png"
 FRONTIER_MD = RESULTS / "frontier.md"
 FRONTIER_JSON = RESULTS / "frontier.json"
 FRONTIER_FIGURE = RESULTS / "frontier.png"
+EDITING_FIGURE = RESULTS / "editing.png"  # the uncertainty map's use in editing (report)
 
 
 # -- the files inside the folders above, and the stages' other files ----------------
@@ -122,6 +144,8 @@ RISK_COVERAGE_PNG = "risk_coverage.png"
 SCORE_CORRELATION_PNG = "score_correlation.png"
 
 GENERATED = Path("generated.png")  # `up generate`'s grid unless --out says otherwise
+EDITED = Path("edited")  # `up edit --image/--split`'s folder unless --out says otherwise
+EDIT_UNCERTAINTY = "uncertainty.pt"  # in it: the fills' uncertainty maps and the mask
 EXPORTED = Path("exported")  # `up export-var`'s VAR-format state dicts
 
 

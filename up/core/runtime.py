@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import platform
 import random
 from contextlib import nullcontext
 
 import torch
 
 from up.core.errors import StageError
+
+
+def cpu_model() -> str:
+    """The CPU's model name (quote times with it: machines differ 2-3x)."""
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def setup(seed: int, threads: int) -> None:

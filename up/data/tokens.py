@@ -86,23 +86,26 @@ def fixed_subset(n: int, k: int) -> torch.Tensor:
     return perm[:k].sort().values
 
 
-def training_ids(labels: torch.Tensor, calib_fraction: float, images_per_class: int, seed: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_ids(labels: torch.Tensor, calib_fraction: float, images_per_class: int, seed: int,
+                 train_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit ids, calibration ids) of a training split, sorted.
 
-    The calibration slice (a seeded ``calib_fraction`` of the images) is held
-    out of training for every variant alike: the calibrated and teacher
-    references and post-hoc temperature scaling fit their temperatures on it,
-    the empirical reference picks its context and prior on it. With
-    ``images_per_class`` > 0 only the first n of each class (in a seeded
-    order) are trained on: the small-data regime where cross-entropy
-    over-fits. ``seed`` is the pipeline seed, not the training seed, so every
-    variant and training seed sees the same images.
+    The calibration slice (a ``calib_fraction`` of the images drawn by the
+    pipeline ``seed``) is held out of training for every variant and training
+    seed alike: the calibrated and teacher references and post-hoc temperature
+    scaling fit their temperatures on it, the empirical reference picks its
+    context and prior on it. With ``images_per_class`` > 0 only n images of
+    each class are trained on (the small-data regime where cross-entropy
+    over-fits), drawn from the rest by the training seed ``train_seed``, so
+    that repeated trainings measure the variance of the data as well as of the
+    initialisation. With 0 every image outside the slice is trained on and
+    ``train_seed`` plays no part.
     """
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     held = round(calib_fraction * len(labels))
     calib, fit = perm[:held], perm[held:]
     if images_per_class > 0:
+        fit = fit[torch.randperm(len(fit), generator=torch.Generator().manual_seed(train_seed))]
         fit_labels = labels[fit]
         rank = torch.zeros_like(fit)
         for c in fit_labels.unique():

@@ -41,8 +41,9 @@ def reliability_figure(curves: dict[str, list[dict]]):
 def _score_axes(plt, n: int, sharey: bool = True):
     cols = min(n, 5)
     rows = -(-n // cols)
+    # constrained layout keeps a row's panel titles clear of the axis labels above them
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False,
-                             sharey=sharey)
+                             sharey=sharey, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes.flat

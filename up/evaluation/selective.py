@@ -16,9 +16,13 @@ import torch
 from scipy.stats import rankdata
 
 from up.evaluation.metrics import Metric, Table
-from up.generation.scores import ALL_MEASURES, IMAGE_SCORES
+from up.generation.scores import ALL_MEASURES, IMAGE_SCORES, aggregate
 
 SubsetMetric = Callable[[torch.Tensor], dict[str, float | None]]
+# The tails where the failure rate is read (risk at the extremes): the most and the least
+# certain 5 % and 10 % of every class. AUROC averages over the whole ranking; a score can
+# sit near 0.5 while its most certain images fail far more often than the rest.
+EXTREME_FRACTIONS = (0.05, 0.10)
 
 # -- the declared metrics (up.evaluation.metrics): set_figures and selective_figures -------
 #
@@ -35,6 +39,36 @@ AURC_GAIN = Table(
     "(AURC_random − AURC_score) / (AURC_random − AURC_oracle) of the within-class "
     "risk-coverage curve of the failure rate: 0 = no better than dropping at random, "
     "1 = as good as ranking by the failure itself. `random`/`oracle`: their AURC.")
+LABEL = Table(
+    "The failure label",
+    "A sample fails when the evaluator assigns it another class or its realism against the "
+    "real training images of its class is below the threshold; `misclassified` and "
+    "`unreal`: the fraction failing for each reason. Split-half: each class's real images "
+    "split in two halves at random, the label computed against each; the fraction of "
+    "samples labelled alike and Cohen's κ. An AUROC near 0.5 counts against a score only "
+    "when the label agrees with itself.")
+
+
+def _tag(fraction: float) -> str:
+    """A tail fraction as it appears in a key: 0.05 -> '5'."""
+    return f"{fraction * 100:g}"
+
+
+def _extreme_table(certain: bool, fraction: float) -> Table:
+    side = "most" if certain else "least"
+    return Table(
+        f"Failure rate of the {side} certain {fraction:.0%} of every class "
+        + ("↓" if certain else "↑"),
+        f"Fraction of failed samples among the {side} certain {fraction:.0%} of every class "
+        "by each score (stratified bootstrap 95 % interval); compare with the base "
+        "`failure rate` of the failure-label table. "
+        + ("Above it: the score's most certain samples are worse than average, a reversed "
+           "signal that an AUROC near 0.5 can hide." if certain else
+           "Above it: the score's least certain samples are the bad ones."))
+
+
+EXTREMES = {(certain, fr): _extreme_table(certain, fr)
+            for fr in EXTREME_FRACTIONS for certain in (True, False)}
 SPEARMAN = Table(
     "Within-class Spearman correlation with log p(y | x)",
     "Mean over classes of the rank correlation between the score and the evaluator's "
@@ -52,6 +86,14 @@ METRICS = (
     Metric("class_accuracy", "class acc", "higher", main=True, paired=True, headline=True,
            curve=True, name="class accuracy"),
     *(Metric(f"auroc_{s}", s, "higher", table=AUROC, interval=True) for s in IMAGE_SCORES),
+    Metric("failure_rate", "failure rate", table=LABEL, interval=True),
+    Metric("failure_misclassified", "misclassified", table=LABEL),
+    Metric("failure_unreal", "unreal", table=LABEL),
+    Metric("label_agreement", "split-half agreement", "higher", table=LABEL),
+    Metric("label_kappa", "split-half κ", "higher", table=LABEL),
+    *(Metric(f"failure_{'' if certain else 'un'}certain{_tag(fr)}_{s}", s,
+             "lower" if certain else "higher", table=table, interval=True)
+      for (certain, fr), table in EXTREMES.items() for s in IMAGE_SCORES),
     *(Metric(f"aurc_gain_{s}", s, "higher", table=AURC_GAIN, interval=True) for s in IMAGE_SCORES),
     Metric("aurc_random", "AURC random", "lower", table=AURC_GAIN),
     Metric("aurc_oracle", "AURC oracle", "lower", table=AURC_GAIN),
@@ -132,6 +174,91 @@ def realism_score(gen: torch.Tensor, gen_classes: torch.Tensor, real: torch.Tens
             d = torch.cdist(gen[idx], members).clamp_min(1e-12)
             out[idx] = (radius[None] / d).max(1).values
     return out
+
+
+def failure_label(predicted: torch.Tensor, classes: torch.Tensor, realism: torch.Tensor,
+                  threshold: float) -> torch.Tensor:
+    """A sample fails when the evaluator's ``predicted`` class is not its class or its
+    realism is below ``threshold`` (docs/method.md §4)."""
+    return (predicted != classes) | (realism < threshold)
+
+
+def per_class_subset(classes: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices of at most ``n`` images of every class drawn at random (seeded), sorted;
+    n = 0 keeps every image."""
+    if n == 0:
+        return torch.arange(len(classes))
+    gen = torch.Generator().manual_seed(seed)
+    kept = [where[torch.randperm(len(where), generator=gen)[:n]]
+            for where in (torch.nonzero(classes == c).flatten()
+                          for c in torch.unique(classes).tolist())]
+    return torch.cat(kept).sort().values
+
+
+def split_halves(classes: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's images split in two at random (seeded): the indices of the first
+    halves (floor(n_c / 2) of class c) and of the second halves, each sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for cls in torch.unique(classes).tolist():
+        where = torch.nonzero(classes == cls).flatten()
+        where = where[torch.randperm(len(where), generator=gen)]
+        first.append(where[:len(where) // 2])
+        second.append(where[len(where) // 2:])
+    return torch.cat(first).sort().values, torch.cat(second).sort().values
+
+
+def label_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | int | None]:
+    """Agreement of two binary labels of the same samples: the fraction labelled alike,
+    Cohen's kappa (agreement - chance) / (1 - chance) with chance = p_a p_b + (1 - p_a)
+    (1 - p_b) from each label's own rate (None when chance is 1: both labels constant
+    and equal), and the number of samples."""
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"two labels of the same samples needed, got shapes "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.bool(), b.bool()
+    agreement = (a == b).double().mean().item()
+    pa, pb = a.double().mean().item(), b.double().mean().item()
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    kappa = None if chance >= 1 else (agreement - chance) / (1 - chance)
+    return {"agreement": agreement, "kappa": kappa, "n": len(a)}
+
+
+def label_reliability(gen: torch.Tensor, predicted: torch.Tensor, gen_classes: torch.Tensor,
+                      real: torch.Tensor, real_classes: torch.Tensor, k: int, threshold: float,
+                      seed: int) -> dict[str, float | int | None]:
+    """Split-half reliability of the failure label: every class's real features split in
+    two halves (``split_halves``), the label of each generated feature computed against
+    each half alone (realism with the same k, the evaluator's ``predicted`` class), and
+    the two labels' ``label_agreement``. Each half holds half the real images, so its
+    k-NN balls are wider and fewer than the whole set's: the figure bounds how much the
+    label depends on which real images happen to be in the split."""
+    labels = []
+    for half in split_halves(real_classes, seed):
+        realism = realism_score(gen, gen_classes, real[half], real_classes[half], k)
+        labels.append(failure_label(predicted, gen_classes, realism, threshold))
+    return label_agreement(*labels)
+
+
+def failure_labels(gen: torch.Tensor, predicted: torch.Tensor, gen_classes: torch.Tensor,
+                   real: torch.Tensor, real_classes: torch.Tensor, k: int, threshold: float,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float | None]]:
+    """The per-sample quality of the failure label and the label's own figures: every
+    generated feature's realism against the real features of its class (k-NN radius
+    ``k``), the failure flags (``failure_label``), and as metric keys the fraction
+    misclassified, the fraction below the realism ``threshold`` and the split-half
+    ``label_agreement`` and ``label_kappa`` (``label_reliability``, halves drawn with
+    ``seed``). Returns (realism, failed, figures)."""
+    realism = realism_score(gen, gen_classes, real, real_classes, k)
+    failed = failure_label(predicted, gen_classes, realism, threshold)
+    reliability = label_reliability(gen, predicted, gen_classes, real, real_classes, k, threshold,
+                                    seed)
+    return realism, failed, {
+        "failure_misclassified": (predicted != gen_classes).double().mean().item(),
+        "failure_unreal": (realism < threshold).double().mean().item(),
+        "label_agreement": reliability["agreement"],
+        "label_kappa": reliability["kappa"],
+    }
 
 
 def density_coverage(gen: torch.Tensor, real: torch.Tensor, k: int, chunk: int = 512
@@ -297,7 +424,7 @@ def aurc(score, loss, classes) -> dict[str, float]:
     score, loss, classes = (np.asarray(x, dtype=np.float64) for x in (score, loss, classes))
     groups = _class_groups(classes)
     curves = _draw_stats({"s": score}, None, {"r": loss}, {}, [g[None] for g in groups],
-                         coverage_grid(groups))
+                         coverage_grid(groups), ())
     return {"score": float(curves["s", "curve", "r"].mean()),
             "random": float(curves["random", "curve", "r"].mean()),
             "oracle": float(curves["oracle", "curve", "r"].mean())}
@@ -318,7 +445,8 @@ def _centred_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _draw_stats(scores: dict[str, np.ndarray], failed: np.ndarray | None,
                 risks: dict[str, np.ndarray], qualities: dict[str, np.ndarray],
-                draws: list[np.ndarray], coverages: np.ndarray) -> dict[tuple, np.ndarray]:
+                draws: list[np.ndarray], coverages: np.ndarray, extremes: Sequence[float]
+                ) -> dict[tuple, np.ndarray]:
     """All within-class statistics of every score for the draws (B, C, n) of each group:
     (score, 'curve', risk) the mean loss of the kept images at every coverage when each
     class keeps its kept_count(n_c, c) lowest-score images, (B, M), with ('oracle',
@@ -327,7 +455,10 @@ def _draw_stats(scores: dict[str, np.ndarray], failed: np.ndarray | None,
     probability that a failed image scores higher than a good image of the same class
     (ties count half), pooled over the classes' pairs, (B,); (score, 'spearman', q) the
     mean over classes of the within-class Spearman correlation with quality q (classes
-    where either is constant left out), (B,). NaN where undefined."""
+    where either is constant left out), (B,); ('base', 'failure') the failure rate, (B,),
+    and (score, 'certain') / (score, 'uncertain') the failure rate of the
+    kept_count(n_c, f) lowest / highest scores of every class for every f of
+    ``extremes``, (B, E). NaN where undefined."""
     acc: dict[tuple, np.ndarray | float] = {}
 
     def add(key, value):
@@ -346,12 +477,21 @@ def _draw_stats(scores: dict[str, np.ndarray], failed: np.ndarray | None,
             f = failed[idx].astype(np.float64)
             n_fail = f.sum(-1)
             add(("pairs",), (n_fail * (n - n_fail)).sum(-1))
+            add(("failures",), n_fail.sum(-1))
+            add(("images",), idx.shape[1] * n)
+            tail = _kept_counts(n, np.asarray(extremes, dtype=np.float64))
+            add(("tail",), idx.shape[1] * tail)
         for name, values in scores.items():
             v = values[idx]
             order = np.argsort(v, axis=-1, kind="stable")
             for r, los in losses.items():
                 ranked = np.cumsum(np.take_along_axis(los, order, -1), -1)
                 add((name, r), ranked[..., counts - 1].sum(1))
+            if failed is not None:  # failures among the first m: cum[m], m = 0..n
+                cum = np.cumsum(np.take_along_axis(f, order, -1), -1)
+                cum = np.concatenate([np.zeros_like(cum[..., :1]), cum], -1)
+                add((name, "certain"), cum[..., tail].sum(1))
+                add((name, "uncertain"), (cum[..., -1:] - cum[..., n - tail]).sum(1))
             if failed is None and not q_ranks:
                 continue
             rank = _ranks(v)
@@ -374,6 +514,8 @@ def _stats_from_sums(acc: dict, scores: dict, risks: dict, qualities: dict, has_
     """The statistics of _draw_stats from its sums over classes (NaN where undefined)."""
     out: dict[tuple, np.ndarray] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
+        if has_failures:
+            out["base", "failure"] = acc["failures",] / acc["images",]
         for r in risks:
             for name in [*scores, "oracle", "random"]:
                 out[name, "curve", r] = acc[name, r] / acc["kept",]
@@ -382,6 +524,8 @@ def _stats_from_sums(acc: dict, scores: dict, risks: dict, qualities: dict, has_
                 pairs = acc["pairs",]
                 out[name, "auroc"] = np.where(pairs > 0, acc[name, "u"] / np.maximum(pairs, 1),
                                               np.nan)
+                for side in ("certain", "uncertain"):
+                    out[name, side] = acc[name, side] / acc["tail",]
             for q in qualities:
                 valid = acc[name, "valid", q]
                 out[name, "spearman", q] = np.where(valid > 0,
@@ -402,13 +546,18 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _score_summaries(raw: dict, scores: list[str], risks: list[str], qualities: list[str]
-                     ) -> dict[tuple[str, str], np.ndarray]:
-    """Per score: AUROC, per risk the AURC with its random and oracle controls, the
-    AURC gain and the curves, per quality the Spearman correlation."""
+def _score_summaries(raw: dict, scores: list[str], risks: list[str], qualities: list[str],
+                     extremes: Sequence[float]) -> dict[tuple[str, str], np.ndarray]:
+    """Per score: AUROC, the base failure rate and the failure rate of each tail, per
+    risk the AURC with its random and oracle controls, the AURC gain and the curves, per
+    quality the Spearman correlation."""
     out = {}
     for sc in scores:
         out[sc, "auroc"] = raw[sc, "auroc"]
+        out[sc, "failure_rate"] = raw["base", "failure"]
+        for i, fraction in enumerate(extremes):
+            for side in ("certain", "uncertain"):
+                out[sc, f"failure_{side}{_tag(fraction)}"] = raw[sc, side][..., i]
         for r in risks:
             area = {name: raw[key, "curve", r].mean(-1)
                     for name, key in (("score", sc), ("random", "random"), ("oracle", "oracle"))}
@@ -429,12 +578,16 @@ def _score_summaries(raw: dict, scores: list[str], risks: list[str], qualities: 
 def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
                          failed: torch.Tensor, risks: dict[str, torch.Tensor],
                          qualities: dict[str, torch.Tensor], repeats: int, seed: int,
+                         extremes: Sequence[float] = EXTREME_FRACTIONS,
                          chunk_elements: int = 5_000_000) -> tuple[list[dict], list[dict]]:
     """Within-class selective-generation statistics of every uncertainty score, with
     stratified bootstrap 95 % intervals (percentile; ``repeats`` draws shared by all
     scores, so they are paired).
 
-    Per score: ``auroc`` (failed images, within class), per risk r (a per-image loss,
+    Per score: ``auroc`` (failed images, within class), ``failure_rate`` (the base rate,
+    the same for every score), ``failure_certainT`` / ``failure_uncertainT`` (the failure
+    rate of the most / least certain fraction f of every class, T = 100 f, for every f
+    of ``extremes``; ties: the lower index counts as more certain), per risk r (a per-image loss,
     lower is better): ``aurc_r`` and its random and oracle controls, ``aurc_gain_r`` =
     (random - score) / (random - oracle) (0: no better than random, 1: the oracle);
     per quality q (higher is better): ``spearman_q`` (within class; negative when
@@ -450,8 +603,8 @@ def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
     score_np = {s: v.double().numpy() for s, v in scores.items()}
 
     def stats(draws: list[np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-        raw = _draw_stats(score_np, fail, risk_np, qual_np, draws, coverages)
-        return _score_summaries(raw, list(score_np), list(risk_np), list(qual_np))
+        raw = _draw_stats(score_np, fail, risk_np, qual_np, draws, coverages, extremes)
+        return _score_summaries(raw, list(score_np), list(risk_np), list(qual_np), extremes)
 
     point = stats([g[None] for g in groups])
     rng = np.random.default_rng(seed)
@@ -489,11 +642,15 @@ def selective_statistics(scores: dict[str, torch.Tensor], classes: torch.Tensor,
 
 
 def selective_figures(rows: list[dict], stats: list[dict], smallest: float) -> dict:
-    """The selective tables' figures as flat metric keys: the failure AURC of the random
-    and oracle controls, the subset FID of every ranking at the ``smallest`` kept
-    fraction (``rows`` of stratified_curves), and per score (``stats`` of
-    selective_statistics) AUROC, AURC and its gain, and Spearman, with intervals."""
-    figures = {"aurc_random": stats[0]["aurc_failure_random"],
+    """The selective tables' figures as flat metric keys: the base failure rate with its
+    interval, the failure AURC of the random and oracle controls, the subset FID of
+    every ranking at the ``smallest`` kept fraction (``rows`` of stratified_curves), and
+    per score (``stats`` of selective_statistics) AUROC, AURC and its gain, Spearman and
+    the failure rate of each tail (``failure_certain5_<score>`` ...), with intervals."""
+    figures = {"failure_rate": stats[0]["failure_rate"],
+               "failure_rate_lo": stats[0]["failure_rate_lo"],
+               "failure_rate_hi": stats[0]["failure_rate_hi"],
+               "aurc_random": stats[0]["aurc_failure_random"],
                "aurc_oracle": stats[0]["aurc_failure_oracle"], "selective_fraction": smallest}
     figures.update({f"selective_fid_{r['score']}": r["fid"] for r in rows
                     if r["fraction"] == smallest})
@@ -507,7 +664,25 @@ def selective_figures(rows: list[dict], stats: list[dict], smallest: float) -> d
             f"aurc_gain_{sc}_hi": row["aurc_gain_failure_hi"],
             f"spearman_{sc}": row["spearman_log_p"], f"spearman_{sc}_lo": row["spearman_log_p_lo"],
             f"spearman_{sc}_hi": row["spearman_log_p_hi"]})
+        tails = [stat for stat in row if stat.startswith(("failure_certain", "failure_uncertain"))
+                 and not stat.endswith(("_lo", "_hi"))]
+        figures.update({f"{stat}_{sc}{end}": row[f"{stat}{end}"]
+                        for stat in tails for end in ("", "_lo", "_hi")})
     return figures
+
+
+def scale_auroc(maps: dict[str, list[torch.Tensor]], classes: torch.Tensor, failed: torch.Tensor,
+                repeats: int, seed: int) -> dict[str, float | None]:
+    """Within-class AUROC of every scale's mean score alone, with bootstrap intervals
+    (the draws of selective_statistics with the same ``seed``): ``auroc_<m>_scale<k>``
+    (k = 1..K, coarse to fine) and its ``_lo`` / ``_hi``, for every measure m of the
+    per-scale ``maps``. Shows which scales carry the signal that the group means mix."""
+    _, per_scale = aggregate(maps)
+    scores = {f"{m}_scale{k + 1}": v[:, k] for m, v in per_scale.items()
+              for k in range(v.shape[1])}
+    rows, _ = selective_statistics(scores, classes, failed, {}, {}, repeats, seed, extremes=())
+    return {f"auroc_{row['score']}{end}": row[f"auroc{end}"] for row in rows
+            for end in ("", "_lo", "_hi")}
 
 
 def score_correlations(scores: dict[str, torch.Tensor], classes: torch.Tensor) -> dict:
@@ -517,5 +692,6 @@ def score_correlations(scores: dict[str, torch.Tensor], classes: torch.Tensor) -
     groups = [g[None] for g in _class_groups(classes.numpy())]
     values = {s: v.double().numpy() for s, v in scores.items()}
     matrix = [[_finite(_draw_stats({a: values[a]}, None, {}, {b: values[b]}, groups,
-                                   np.ones(1))[a, "spearman", b][0]) for b in names] for a in names]
+                                   np.ones(1), ())[a, "spearman", b][0]) for b in names]
+              for a in names]
     return {"scores": names, "spearman": matrix}

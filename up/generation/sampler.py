@@ -3,11 +3,14 @@
 VAR's autoregressive inference: at scale k the transformer predicts logits
 for all p_k^2 positions at once; the guided, tempered distribution is
 recorded (entropy, dispersion, semantic entropy) and then truncated by
-top-k/top-p and sampled; the conditional half of the same forward gives the
-model's own prediction, whose entropy and the sampled token's surprisal are
-recorded too (no extra forward); the tokenizer accumulates the sampled map into
-f_hat and builds the next scale's input; the decoder turns the final f_hat
-into images. The KV cache makes each step cost only the new scale's tokens.
+top-k/top-p and sampled (a temperature-scaled run records its calibrated
+distribution and, unless it samples at its temperatures, draws from its base
+model's: the same logits, divided by other temperatures); the conditional
+half of the same forward gives the model's own prediction, whose entropy and
+the sampled token's surprisal are recorded too (no extra forward); the
+tokenizer accumulates the sampled map into f_hat and builds the next scale's
+input; the decoder turns the final f_hat into images. The KV cache makes each
+step cost only the new scale's tokens.
 """
 
 from __future__ import annotations
@@ -87,21 +90,32 @@ def _scale_logits(var, k: int, labels: torch.Tensor, x_k: torch.Tensor | None,
 def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
            guidance_schedule: str, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, scale_temperatures: torch.Tensor | None = None,
-           generator: torch.Generator, code_to_cluster: torch.Tensor, num_clusters: int,
-           kappa: float = 1.0,
-           use_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+           sample_at_temperatures: bool = False, generator: torch.Generator,
+           code_to_cluster: torch.Tensor, num_clusters: int, kappa: float = 1.0,
+           use_cache: bool = True, known: list[torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """Generate one image per label (-1 = unconditional).
 
-    Guidance doubles the batch with the null class and samples from
-    (1 + t) * cond - t * uncond (VAR's formula) divided by the temperature
-    times the scale's post-hoc temperature (``scale_temperatures``: dividing
-    both branches by T_k divides their mix); the sampled indices feed both
-    halves, as in VAR.
+    Guidance doubles the batch with the null class and mixes
+    (1 + t) * cond - t * uncond (VAR's formula); the sampled indices feed both
+    halves, as in VAR. The mix divided by the sampling ``temperature`` times
+    the scale's post-hoc temperature T_k (``scale_temperatures``: dividing
+    both branches by T_k divides their mix) is the run's distribution, whose
+    entropy, dispersion and semantic entropy are recorded. Tokens are drawn
+    from the same mix divided by the sampling temperature times T_k when
+    ``sample_at_temperatures``, else times 1: a calibrator (`ce+ts`) draws
+    its base model's tokens, bitwise, and scores them with its temperatures.
 
     Also recorded: the conditional distribution's entropy and the sampled
     token's surprisal (``cond_entropy``, ``surprisal``), from the cond half of
     the logits divided by the scale's temperature only (the run's calibrated
     prediction; the sampling ``temperature`` and guidance are sampling choices).
+
+    ``known`` (editing, up/generation/editing.py): per scale (B, p_k, p_k) tokens to
+    force, -1 where the model samples. Every position is drawn as without it (the
+    random stream is consumed alike), then the known positions are overwritten with
+    the given tokens before they are scored, recorded and accumulated: all -1 is
+    ``sample`` bitwise, no -1 decodes the given tokens (the tokenizer's reconstruction).
 
     Returns (images uint8 (B, C, H, W), indices [(B, p_k, p_k)] * K,
     uncertainty dict(maps, image, per_scale) over ``ALL_MEASURES``, the
@@ -123,13 +137,18 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
             logits = _scale_logits(var, k, model_labels, x_k, prefix, use_cache,
                                    tokenizer.latent_channels)
             t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
+            t_draw = t_k if sample_at_temperatures else 1.0
             cond = logits[:B] / t_k
             if guided:
                 t = guidance_ratio(guidance, guidance_schedule, k, len(patch_nums))
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            logits = logits / (temperature * t_k)
-            idx = sample_tokens(filter_logits(logits, top_k, top_p), generator).view(B, pn, pn)
-            recorded = {**token_uncertainty(logits, code_to_cluster, num_clusters, kappa),
+            drawn = logits / (temperature * t_draw)
+            idx = sample_tokens(filter_logits(drawn, top_k, top_p), generator).view(B, pn, pn)
+            if known is not None:
+                forced = known[k].to(device)
+                idx = torch.where(forced >= 0, forced, idx)
+            scored = logits / (temperature * t_k)
+            recorded = {**token_uncertainty(scored, code_to_cluster, num_clusters, kappa),
                         **conditional_uncertainty(cond, idx)}
             for name, value in recorded.items():
                 maps[name].append(value.view(B, pn, pn).cpu())

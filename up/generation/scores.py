@@ -21,9 +21,11 @@ from up.models.uncertainty import dirichlet_variance, semantic_entropy
 MEASURES = ("entropy", "dispersion", "semantic_entropy")  # of the guided distribution
 COND_MEASURES = ("cond_entropy", "surprisal")  # of the conditional (unguided) distribution
 ALL_MEASURES = MEASURES + COND_MEASURES
+# The scale groups of the per-image scores (scale_groups): the coarse half, the fine rest.
+GROUPS = ("coarse", "fine")
 # What selective generation ranks images by (image_scores): every measure as the mean
-# over all tokens, and over the finest scales only (_fine).
-IMAGE_SCORES = [*ALL_MEASURES, *(f"{m}_fine" for m in ALL_MEASURES)]
+# over all tokens, and over each scale group (_coarse, _fine).
+IMAGE_SCORES = [*ALL_MEASURES, *(f"{m}_{g}" for g in GROUPS for m in ALL_MEASURES)]
 
 
 def token_uncertainty(logits: torch.Tensor, code_to_cluster: torch.Tensor, num_clusters: int,
@@ -53,21 +55,31 @@ def conditional_uncertainty(cond_logits: torch.Tensor, tokens: torch.Tensor
     )
 
 
-def fine_mean(scales: list[torch.Tensor], fine_scales: int) -> torch.Tensor:
-    """Per-image mean over the tokens of the ``fine_scales`` finest scales of one
+def scale_groups(n_scales: int) -> dict[str, range]:
+    """The scales (0-based) of each group: 'coarse' the first floor(K / 2), 'fine' the
+    rest, so a group of 3 scales is (0,) and (1, 2), of 6 scales (0, 1, 2) and (3, 4, 5).
+    The coarse scales fix the layout and the fine ones the detail; with the fine scales
+    holding most tokens, the all-token mean alone would hide what the coarse ones say."""
+    if n_scales < 2:
+        raise ValueError(f"scale groups need at least 2 scales, got {n_scales}")
+    half = n_scales // 2
+    return {"coarse": range(half), "fine": range(half, n_scales)}
+
+
+def group_mean(scales: list[torch.Tensor], group: range) -> torch.Tensor:
+    """Per-image mean over the tokens of the scales in ``group`` (each token once) of one
     measure's per-scale maps [(N, p_k, p_k)] * K -> (N,)."""
-    if not 1 <= fine_scales <= len(scales):
-        raise ValueError(f"fine_scales must be in [1, {len(scales)}], got {fine_scales}")
-    return torch.cat([s.flatten(1) for s in scales[-fine_scales:]], dim=1).mean(1)
+    return torch.cat([scales[k].flatten(1) for k in group], dim=1).mean(1)
 
 
-def image_scores(maps: dict[str, list[torch.Tensor]], fine_scales: int) -> dict[str, torch.Tensor]:
-    """The per-image scores selective generation ranks by: for every measure ``m``
-    in ``maps``, ``m`` (mean over all tokens) and ``m_fine`` (mean over the tokens of
-    the ``fine_scales`` finest scales)."""
+def image_scores(maps: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The per-image scores selective generation ranks by, in IMAGE_SCORES' order: for
+    every measure ``m`` in ``maps``, ``m`` (mean over all tokens), then ``m_coarse`` and
+    ``m_fine`` (mean over the tokens of each scale group, ``scale_groups``)."""
     image, _ = aggregate(maps)
-    return {**image, **{f"{name}_fine": fine_mean(scales, fine_scales)
-                        for name, scales in maps.items()}}
+    groups = {name: scale_groups(len(scales)) for name, scales in maps.items()}
+    return {**image, **{f"{name}_{g}": group_mean(scales, groups[name][g])
+                        for g in GROUPS for name, scales in maps.items()}}
 
 
 def aggregate(maps: dict[str, list[torch.Tensor]]) -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from up.core.errors import StageError
 from up.core.io import load_torch
 
 LN_EPS = 1e-6
@@ -221,6 +222,24 @@ class VAR(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def forward_flops(self) -> int:
+        """FLOPs of one teacher-forced forward of one image (a multiply-add is 2):
+        the matrix products (as torch.utils.flop_counter counts them) and the
+        attention, dense over all L positions (the block-causal mask saves no work
+        in scaled_dot_product_attention); elementwise ops, norms and embedding
+        look-ups are left out. A training step costs about 3x this per image
+        (forward + backward)."""
+        length, width = self.seq_len, self.width
+        hidden = self.blocks[0].mlp.fc1.out_features if self.depth else 0
+        block = (2 * width * 6 * width  # ada_lin, once per image
+                 + 2 * length * width * 3 * width  # qkv
+                 + 4 * length * length * width  # q k^T and attention @ v
+                 + 2 * length * width * width  # proj
+                 + 4 * length * width * hidden)  # fc1, fc2
+        return (2 * (length - self.first_l) * self.latent_channels * width  # word_embed
+                + self.depth * block
+                + 2 * width * 2 * width + 2 * length * width * self.vocab_size)  # head
+
     def config(self) -> dict:
         """Constructor kwargs, as stored in checkpoints (``config``)."""
         return dict(self._config)
@@ -285,17 +304,40 @@ class VAR(nn.Module):
         return self.head(x, self._modulations[-1])
 
 
-def load_var_and_temperatures(path: str | Path, ema: bool = True
-                              ) -> tuple[VAR, torch.Tensor | None]:
-    """A trained VAR in eval mode (the EMA weights when ``ema`` and present) and
-    its per-scale logit temperatures (K,): set by post-hoc temperature scaling
-    (the `ts` variant), None for a model used as trained."""
+def _load(path: str | Path, ema: bool) -> tuple[VAR, dict]:
+    """A trained VAR in eval mode (the EMA weights when ``ema`` and present) and its file."""
     ckpt = load_torch(path, "VAR checkpoint")
     model = VAR(**ckpt["config"])
     state = ckpt["ema_state_dict"] if ema and ckpt.get("ema_state_dict") is not None \
         else ckpt["state_dict"]
     model.load_state_dict(state)
-    return model.eval(), ckpt.get("logit_temperatures")
+    return model.eval(), ckpt
+
+
+def load_var_and_temperatures(path: str | Path, ema: bool = True
+                              ) -> tuple[VAR, torch.Tensor | None]:
+    """A trained VAR in eval mode (the EMA weights when ``ema`` and present) and
+    its per-scale logit temperatures (K,): set by post-hoc temperature scaling
+    (the `ts` variant), None for a model used as trained."""
+    model, ckpt = _load(path, ema)
+    return model, ckpt.get("logit_temperatures")
+
+
+def load_var_for_sampling(path: str | Path, ema: bool = True
+                          ) -> tuple[VAR, torch.Tensor | None, bool]:
+    """:func:`load_var_and_temperatures`, and whether the tokens are drawn at the
+    temperatures (the `ts` run's ``sample_at_temperatures``, saved with it; False
+    without temperatures): a calibrator draws its base model's own samples."""
+    model, ckpt = _load(path, ema)
+    temperatures = ckpt.get("logit_temperatures")
+    if temperatures is None:
+        return model, None, False
+    variant = ckpt.get("variant") or {}
+    if "sample_at_temperatures" not in variant:
+        raise StageError(f"VAR checkpoint {path} has logit temperatures but no "
+                         "sample_at_temperatures (written before `ts` runs became calibrators): "
+                         "rerun the train stage that writes it")
+    return model, temperatures, bool(variant["sample_at_temperatures"])
 
 
 def load_var(path: str | Path, ema: bool = True) -> VAR:

@@ -7,8 +7,9 @@ the previous scale, optionally the class) the reference is the Dirichlet
     p_ref(c) = alpha_ref(c) / kappa_ref(c),
 
 where n(c, v) counts code v in context c over the training tokens. A context
-seen rarely keeps a small kappa_ref and therefore a wide reference; an unseen
-context is the uniform distribution with kappa_ref = a_0.
+seen rarely keeps p_ref close to the uniform prior, a wide reference; an
+unseen context is the uniform distribution. The `up` loss uses p_ref only and
+reads it at its own evidence ``up.kappa``, not at kappa_ref (docs/method.md §3).
 
 Contexts (``CONTEXTS``), for the token at scale k, row i, col j:
 

@@ -3,8 +3,10 @@
 Cross-entropy, the two baselines that soften it (label smoothing, label
 relaxation) and the uncertainty-preserving loss (docs/method.md §2-§3): CE plus a
 penalty on the gap between the second-order dispersion of the prediction and
-that of a calibrated reference, plus a semantic-entropy term. The caller
-weights tokens (uniform, per scale) and reduces.
+that of a reference (both read at one evidence mass kappa), plus a
+semantic-entropy term; and knowledge distillation from a frozen teacher (the
+control of a teacher-referenced `up`). The caller weights tokens (uniform,
+per scale) and reduces.
 
 Each loss is declared once at the end (:class:`LossDeclaration`): its
 params.yaml tag and settings model, its module, the context and reference it
@@ -100,9 +102,11 @@ def label_relaxation_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: fl
 # Second-order dispersion and semantic entropy
 
 
-def dispersion_penalty(probs: torch.Tensor, ref_probs: torch.Tensor, kappa: float | torch.Tensor,
+def dispersion_penalty(probs: torch.Tensor, ref_probs: torch.Tensor, kappa: float,
                        kind: str = "w2") -> torch.Tensor:
-    """Gap between the second-order dispersion of ``probs`` and ``ref_probs``.
+    """Gap between the second-order dispersion of ``probs`` and ``ref_probs``, both read
+    as Dirichlets of the one evidence mass ``kappa`` (their shapes are compared, not
+    their evidence: docs/method.md §3).
 
     ``w2``: sum_k (s_k(p) - s_k(ref))^2 with s_k = sqrt(Var_k), the scale part
     of the squared 2-Wasserstein distance between the diagonal-Gaussian
@@ -194,15 +198,12 @@ class _UncertaintyPreserving(torch.autograd.Function):
         # W2 term is shrink * sum (sqrt u - sqrt u_ref)^2, shrink = 1 / (kappa
         # + 1) kept out of the (N, V) passes. dpen = its derivative in p over
         # shrink, (N, V) in ref's memory; for "variance" the derivative is a
-        # per-row multiple of p and dpen_row holds the multiplier. kappa is a
-        # number, or one evidence mass per row (N,) (the empirical reference);
-        # then the floor is that of the largest shrink, so that no row's
-        # variance is floored above VAR_FLOOR.
+        # per-row multiple of p and dpen_row holds the multiplier.
         disp = logits.new_zeros(0)
         dpen = dpen_row = None
         shrink = 1.0 / (kappa + 1.0)
         if penalty == "w2":
-            floor = VAR_FLOOR / (float(shrink.max()) if torch.is_tensor(shrink) else shrink)
+            floor = VAR_FLOOR / shrink
             std = torch.addcmul(probs, probs, probs, value=-1.0, out=scratch)
             std.clamp_min_(floor).sqrt_()
             ref_std = torch.addcmul(ref, ref, ref, value=-1.0, out=ref).clamp_min_(floor).sqrt_()
@@ -271,7 +272,13 @@ class TokenLoss(nn.Module):
     """
 
     needs_calibration = False  # True: the loop refits self.temperatures
-    needs_reference = False  # True: forward takes reference=(p_ref, kappa_ref)
+    needs_reference = False  # True: forward takes reference=p_ref (B, L, V)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of each added part in the total (total = ce + sum weight * part):
+        what the training curve logs as each term's dose. Empty for a plain CE."""
+        return {}
 
     @staticmethod
     def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -325,9 +332,11 @@ class UncertaintyPreservingLoss(TokenLoss):
     + smoothing / V. ``"teacher"`` and ``"empirical"`` do not move with the
     model: the caller computes p_ref (a frozen teacher's tempered softmax;
     Dirichlet-smoothed counts given a context) and passes it to forward as
-    ``reference=(p_ref, kappa_ref)``; kappa_ref (per token, the counts'
-    evidence) replaces ``kappa`` when given, so model and reference are
-    compared at equal evidence. ``semantic="match"`` penalises
+    ``reference=p_ref``. Model and reference are always compared at the one
+    evidence ``kappa``: the empirical counts' own evidence kappa_ref(c) = n(c)
+    + a_0, in the hundreds, would shrink the W2 term by 1 / (kappa_ref + 1)
+    and switch it off; the counts act through p_ref (a rare context is close
+    to the uniform prior, a wide reference). ``semantic="match"`` penalises
     (SE(p) - SE(p_ref))^2, ``"nll"`` is -log P(c(y)). A term whose lambda is
     0 is neither computed nor reported.
 
@@ -378,17 +387,24 @@ class UncertaintyPreservingLoss(TokenLoss):
             self.register_buffer("scale_ids", scale_ids.long().clone(), persistent=False)
             self.register_buffer("temperatures", torch.ones(num_scales))
 
-    def forward(self, logits, targets, reference: tuple[torch.Tensor, torch.Tensor | None]
-                | None = None):
+    @property
+    def weights(self) -> dict[str, float]:
+        weights = {}
+        if self.penalty is not None:
+            weights["disp"] = self.lambda_disp
+        if self.semantic is not None:
+            weights["se"] = self.lambda_se
+        return weights
+
+    def forward(self, logits, targets, reference: torch.Tensor | None = None):
         batch_shape = targets.shape
         if self.needs_reference != (reference is not None):
             raise ValueError(f"reference={self.reference!r} "
                              + ("needs" if self.needs_reference else "takes no")
-                             + " reference=(p_ref, kappa_ref) in forward")
+                             + " reference=p_ref in forward")
         with torch.autocast(logits.device.type, enabled=False):
             flat = self._upcast(logits).reshape(-1, logits.shape[-1])
             inv_temp = given = None
-            kappa: float | torch.Tensor = self.kappa
             if self.needs_calibration:
                 if logits.shape[-2] != self.scale_ids.numel():
                     raise ValueError(f"logits have {logits.shape[-2]} positions, scale_ids "
@@ -396,12 +412,9 @@ class UncertaintyPreservingLoss(TokenLoss):
                 per_pos = temperature.inverse(self.temperatures, self.scale_ids, flat.dtype).squeeze(-1)
                 inv_temp = per_pos.expand(batch_shape).reshape(-1, 1)
             if reference is not None:
-                ref_probs, ref_kappa = reference
-                given = ref_probs.reshape(flat.shape).to(flat.dtype)
-                if ref_kappa is not None:
-                    kappa = ref_kappa.reshape(-1).to(flat.dtype)
+                given = reference.reshape(flat.shape).to(flat.dtype)
             run = _UncertaintyPreserving.apply if self.fused else self._plain
-            ce, disp, se = run(flat, targets.reshape(-1), inv_temp, given, self.smoothing, kappa,
+            ce, disp, se = run(flat, targets.reshape(-1), inv_temp, given, self.smoothing, self.kappa,
                                self.penalty, self.semantic, self.code_to_cluster,
                                self.num_clusters)
         total, parts = ce, {"ce": ce}
@@ -438,6 +451,41 @@ class UncertaintyPreservingLoss(TokenLoss):
         else:
             se = ce.new_zeros(0)
         return ce, disp, se
+
+
+class KnowledgeDistillation(TokenLoss):
+    """CE + lambda_kd * KL(p_T || softmax(z)) per token (Hinton et al. 2015;
+    docs/method.md §3): the control of `up` with ``reference: teacher``. p_T is the
+    same frozen, temperature-scaled teacher's prediction, passed to forward as
+    ``reference=p_T``; if a teacher-referenced `up` only pulls the student towards
+    p_T, it does no better than this at this loss's own best weight.
+
+    One log-softmax gives both terms; dKL/dz = softmax(z) - p_T. Parts: "ce", "kd"
+    (the KL, also logged at lambda_kd = 0).
+    """
+
+    needs_reference = True
+
+    def __init__(self, *, lambda_kd: float):
+        super().__init__()
+        if lambda_kd < 0:
+            raise ValueError(f"lambda_kd={lambda_kd} must be >= 0")
+        self.lambda_kd = lambda_kd
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"kd": self.lambda_kd}
+
+    def forward(self, logits, targets, reference: torch.Tensor | None = None):
+        if reference is None:
+            raise ValueError("loss 'kd' needs reference=p_teacher in forward")
+        with torch.autocast(logits.device.type, enabled=False):
+            log_probs = F.log_softmax(self._upcast(logits), -1)
+            teacher = reference.to(log_probs.dtype)
+            ce = -_target_log_prob(log_probs, targets)
+            # sum p_T log p_T - sum p_T log p, with 0 log 0 = 0
+            kl = (torch.xlogy(teacher, teacher) - teacher * log_probs).sum(-1)
+        return ce + self.lambda_kd * kl, {"ce": ce.detach(), "kd": kl.detach()}
 
 
 # --------------------------------------------------------------------------
@@ -567,14 +615,14 @@ def _placement(group: str, name: str, spec: LossParams) -> str | None:
 
 
 def check_variants(params: Params) -> dict[str, LossParams]:
-    """Every variant (trained, then derived) typed by its loss's declaration.
+    """Every variant (trained, derived, then post hoc) typed by its loss's declaration.
 
     Raises ParamsError with one line per bad key (the format of load_params) and per
     variant declared in the wrong group: `derived` holds exactly those that need the
     teacher model, so that DVC trains the teacher first."""
     typed: dict[str, LossParams] = {}
     lines: list[str] = []
-    for group in ("variants", "derived"):
+    for group in ("variants", "derived", "post_hoc_runs"):
         for name, section in getattr(params, group).items():
             try:
                 spec = variant_union().validate_python(section.model_dump())
@@ -656,10 +704,23 @@ class UPParams(LossParams):
     fused: bool = True  # the fused kernel; false: the plain composition (same values)
 
 
+class KDParams(LossParams):
+    """Distillation control of the study (no variant in the default run, so no default:
+    a study profile spells its weight)."""
+
+    loss: Literal["kd"]
+    lambda_kd: float = Field(ge=0)
+
+
 class TSParams(LossParams):
-    """Post-hoc temperature scaling of the teacher model: no training."""
+    """Post-hoc temperature scaling of a base model (the teacher under `derived`, the
+    listed run for `post_hoc`): no training. Its probabilities, ECE, NLL and sampled
+    uncertainty scores come from the fitted temperatures; ``sample_at_temperatures``
+    false (a calibrator, `ce+ts`) keeps the base model's samples, true (`ce+ts-sampler`)
+    also draws the tokens at the fitted temperatures."""
 
     loss: Literal["ts"]
+    sample_at_temperatures: bool = False
 
 
 declare(LossDeclaration("ce", CEParams, CrossEntropy))
@@ -670,4 +731,6 @@ declare(LossDeclaration(
     loop_keys=("calib_every",),
     reference=lambda p: p.reference if p.reference in ("teacher", "empirical") else None,
     needs_teacher=lambda p: p.reference == "teacher"))
+declare(LossDeclaration("kd", KDParams, KnowledgeDistillation, reference=lambda p: "teacher",
+                        needs_teacher=lambda p: True))
 declare(LossDeclaration("ts", TSParams, None, needs_teacher=lambda p: True))

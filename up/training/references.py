@@ -1,16 +1,21 @@
 """References that do not move with the model being trained (docs/method.md §3).
 
 The `up` loss compares the model's second-order dispersion with a
-reference's. The calibrated and smoothed references are computed inside the
-loss from the logits or the target; the two here need more than that, so the
-training step asks them for (p_ref, kappa_ref) per batch:
+reference's (`kd` distils the teacher's). The calibrated and smoothed
+references are computed inside the loss from the logits or the target; the
+two here need more than that, so the training step asks them for p_ref per
+batch. Only the mean p_ref is passed: the loss reads model and reference at
+one evidence mass (``up.kappa``), whatever the reference's own evidence.
 
 - :class:`TeacherReference`: softmax(z_T / T_s) of a frozen, trained model
   (one extra no-grad forward per step), its per-scale temperatures fitted
   once on the calibration slice before training.
 - :class:`EmpiricalTableReference`: Dirichlet-smoothed code counts given a
-  context (scale, parent code, class), built once from the training tokens
-  by the `reference` stage; kappa_ref is each context's evidence.
+  context (scale, parent code, class), counted once by the `reference` stage
+  over the run's own training tokens (one table per training seed, which
+  draws the training images). The counts' evidence n(c) + a_0 is not
+  the comparison's: it acts through p_ref alone, a rare context's reference
+  being close to the uniform prior.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from up.training.empirical import EmpiricalReference
 
 class Reference(Protocol):
     def __call__(self, labels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(p_ref (B, L, V), kappa_ref (B, L) or None) for a batch: the labels the
-        student sees (null where dropped), its teacher-forcing input, the targets."""
+                 ) -> torch.Tensor:
+        """p_ref (B, L, V) for a batch: the labels the student sees (null where
+        dropped), its teacher-forcing input, the targets."""
         ...
 
     def tensors(self) -> list[torch.Tensor]:
@@ -50,7 +55,7 @@ class TeacherReference:
 
     @torch.no_grad()
     def __call__(self, labels, inputs, targets):
-        return (self.model(labels, inputs).float() * self.inv_temp).softmax(-1), None
+        return (self.model(labels, inputs).float() * self.inv_temp).softmax(-1)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.model.state_dict().values(), self.temperatures]
@@ -69,15 +74,15 @@ class EmpiricalTableReference:
         saved = load_torch(path, "empirical reference")
         if not torch.equal(saved["fit_ids"], fit_ids.cpu()):
             raise StageError(f"{path} was counted on other training images than this run's "
-                             "(train.calib_fraction, train.images_per_class or seed changed): "
-                             "rerun the reference stage")
+                             "(train.calib_fraction, train.images_per_class, seed or the "
+                             "training seed changed): rerun the reference stage")
         return cls(EmpiricalReference.from_state_dict(saved["table"]).to(device))
 
     @torch.no_grad()
     def __call__(self, labels, inputs, targets):
         # Leave one out: the batch's own tokens are in the counts; without this a
         # context seen once would look like a sure point mass on its target.
-        return self.table.probs_and_evidence(targets, labels, leave_one_out=True)
+        return self.table.probs_and_evidence(targets, labels, leave_one_out=True)[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [v for v in self.table.state_dict().values() if torch.is_tensor(v)]

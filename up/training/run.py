@@ -183,8 +183,9 @@ def resolved_params(params: Params, name: str, seed: int) -> dict[str, Any]:
     settings = {"variant": name, "seed": seed, "loss": variant_params(params, name).model_dump(),
                 "transformer": params.transformer.model_dump(), "train": params.train.model_dump(),
                 "threads": params.threads, "device": params.device, "pipeline_seed": params.seed}
-    if name in params.derived:
-        settings["teacher"] = params.teacher
+    base = params.base(name)
+    if base is not None:  # the model a derived run learns from, or a post-hoc run scales
+        settings["teacher" if name in params.derived else "base"] = base
     return settings
 
 
@@ -269,6 +270,7 @@ class Run:
     data: TokenSplit
     val: TokenSplit
     fit_ids: torch.Tensor
+    calib_ids: torch.Tensor  # the calibration slice's images (all their tokens)
     calib: TokenSample
     batches: StepBatches
     weights: torch.Tensor  # per-position token weights (L,)
@@ -293,6 +295,7 @@ class TokenData:
     data: TokenSplit
     val: TokenSplit
     fit_ids: torch.Tensor
+    calib_ids: torch.Tensor  # the calibration slice's images
     calib: TokenSample  # the calibration slice's token sample
 
     def nonempty_calib(self) -> TokenSample:
@@ -302,14 +305,17 @@ class TokenData:
         return self.calib
 
 
-def _token_data(params: Params, paths: RunPaths, tokenizer, device: torch.device) -> TokenData:
+def _token_data(params: Params, paths: RunPaths, tokenizer, device: torch.device,
+                seed: int) -> TokenData:
+    """The splits, and the images training seed ``seed`` trains on (train.images_per_class
+    > 0: drawn by it) and calibrates on (fixed by the pipeline seed)."""
     cfg = params.train
     data = load_token_split(paths.tokens, "train", tokenizer, device)
     val = load_token_split(paths.tokens, "val", tokenizer, device)
     fit_ids, calib_ids = training_ids(data.labels, cfg.calib_fraction, cfg.images_per_class,
-                                      params.seed)
+                                      params.seed, seed)
     calib = token_sample(calib_ids, tokenizer.patch_nums, cfg.calib_tokens, params.seed)
-    return TokenData(data, val, fit_ids, calib)
+    return TokenData(data, val, fit_ids, calib_ids, calib)
 
 
 def _fit_teacher(path: Path, tokens: TokenData, cfg, device: torch.device,
@@ -338,7 +344,7 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     cfg, variant = params.train, variant_params(params, name)  # typed and checked first
     device = _device(params, ctx)
     tokenizer = load_tokenizer(paths.tokenizer, device)
-    tokens = _token_data(params, paths, tokenizer, device)
+    tokens = _token_data(params, paths, tokenizer, device, seed)
     data, val, fit_ids = tokens.data, tokens.val, tokens.fit_ids
 
     model = VAR(tokenizer.vocab_size, tokenizer.latent_channels, tokenizer.patch_nums,
@@ -363,7 +369,7 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
     del fingerprint["threads"], fingerprint["device"]
 
     run = Run(name, seed, cfg, device, ctx, model, model, ema, optimizer, loss_fn, reference,
-              calibrator, data, val, fit_ids, tokens.calib,
+              calibrator, data, val, fit_ids, tokens.calib_ids, tokens.calib,
               StepBatches(len(fit_ids), cfg.batch_size, seed, ctx.rank, ctx.world),
               token_weights(model.scale_ids, cfg.token_weighting), fingerprint,
               calib_every=getattr(variant, "calib_every", 0))
@@ -488,7 +494,8 @@ def train_step(run: Run, checkpoint: Path) -> tuple[dict[str, float], float]:
 def _log_row(run: Run, lr: float, curve_ids: torch.Tensor) -> dict[str, float]:
     means = run.log.flush()
     scores = score_tokens(run.eval_model, run.val, curve_ids, run.cfg.batch_size, run.cfg.bf16)
-    row = {"step": run.step, "lr": _fmt(lr), **{k: _fmt(v) for k, v in means.items()},
+    doses = {f"dose_{k}": _fmt(weight * means[k]) for k, weight in run.loss_fn.weights.items()}
+    row = {"step": run.step, "lr": _fmt(lr), **{k: _fmt(v) for k, v in means.items()}, **doses,
            "val_ce": _fmt(float(scores.ce.sum() / scores.count.sum()))}
     if run.calibrator is not None:
         names = [f"T_{p}x{p}" for p in run.model.patch_nums]
@@ -539,6 +546,29 @@ def evaluate_tokens(model: VAR, data: TokenSplit, val: TokenSplit, fit_ids: torc
                       "images": len(train_ids)}}
 
 
+def calibration_nll(model: VAR, data: TokenSplit, calib_ids: torch.Tensor, batch_size: int,
+                    bf16: bool, temperatures: torch.Tensor | None = None) -> dict[str, Any]:
+    """Mean token NLL over every token of the calibration slice's images, all scales:
+    the score of the declared weight-selection rule (lowest calibration NLL; never val
+    or test). ``temperatures``: per-scale logit temperatures (a `ts` model's fit);
+    None reads the model's own probabilities. The NLL is None without a slice."""
+    scores = score_tokens(model, data, calib_ids, batch_size, bf16, temperatures)
+    tokens = int(scores.count.sum())
+    return {"nll": float(scores.ce.sum() / tokens) if tokens else None, "tokens": tokens}
+
+
+def training_compute(model: VAR, steps: int, batch_size: int,
+                     teacher: VAR | None = None) -> dict[str, float]:
+    """Analytic training FLOPs (GFLOP): the student's forward and backward, about 3x
+    its forward, per image of every step, plus one teacher forward per image for a
+    variant trained against a teacher. The evaluation rows and the temperature fits
+    are not counted (a few forwards of the calibration slice)."""
+    images = steps * batch_size
+    student = 3 * model.forward_flops() * images / 1e9
+    extra = teacher.forward_flops() * images / 1e9 if teacher is not None else 0.0
+    return {"student_gflop": student, "teacher_gflop": extra, "total_gflop": student + extra}
+
+
 def finish(run: Run, params: Params) -> TrainResult:
     """Final figures on the weights that sampling will use (EMA when on)."""
     cfg, model, log = run.cfg, run.model, run.log
@@ -553,7 +583,16 @@ def finish(run: Run, params: Params) -> TrainResult:
                   "tokens_per_s": cfg.batch_size * model.seq_len * log.timed_steps / log.seconds,
                   "train_seconds": log.seconds},
         "final_loss": {k: v for k, v in log.rows[-1].items()
-                       if k not in ("step", "lr", "grad_norm", "val_ce") and not k.startswith("T_")},
+                       if k not in ("step", "lr", "grad_norm", "val_ce")
+                       and not k.startswith(("T_", "dose_"))},
+        # each term as it enters the total (weight x term) at the last logged window
+        "dose": {"ce": log.rows[-1]["ce"],
+                 **{k: log.rows[-1][f"dose_{k}"] for k in run.loss_fn.weights}},
+        "calib": calibration_nll(run.eval_model, run.data, run.calib_ids, cfg.batch_size,
+                                 cfg.bf16),
+        "compute": training_compute(
+            model, cfg.steps, cfg.batch_size,
+            run.reference.model if isinstance(run.reference, TeacherReference) else None),
     }
     if temperatures is not None:
         metrics["temperatures"] = {f"{p}x{p}": t for p, t in
@@ -566,11 +605,14 @@ def finish(run: Run, params: Params) -> TrainResult:
 
 
 def temperature_scale(params: Params, name: str, seed: int, paths: RunPaths) -> TrainResult:
-    """The `ts` baseline: the teacher's weights with one logit temperature per scale,
-    fitted on the calibration slice (the images no variant trains on)."""
+    """A `ts` run: its base model's weights (``paths.teacher``: the teacher of a
+    `derived` ts run, the listed run of a `post_hoc` one) with one logit temperature
+    per scale, fitted on the calibration slice (the images no variant trains on).
+    The saved settings say whether sampling draws at the temperatures
+    (``sample_at_temperatures``) or keeps the base model's samples (a calibrator)."""
     cfg, spec = params.train, variant_params(params, name)  # typed and checked first
     device = _device(params, Dist())
-    tokens = _token_data(params, paths, load_tokenizer(paths.tokenizer, device), device)
+    tokens = _token_data(params, paths, load_tokenizer(paths.tokenizer, device), device, seed)
     data, val, fit_ids = tokens.data, tokens.val, tokens.fit_ids
     model, temps = _fit_teacher(paths.teacher, tokens, cfg, device, Dist())
     temps = temps.float()
