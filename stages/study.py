@@ -40,6 +40,8 @@ from up.training.run import resolved_params
 
 # The stage commands of one run, in order (each one DVC's cmd for the run's stages).
 COMMANDS = ("train", "sample", "evaluate", "sweep", "edit")
+# Tracked files a study's checkout may have changed: the profile, and what DVC writes.
+DVC_WRITES = (PARAMS_FILE, "dvc.lock", "metrics/", "plots/")
 
 
 @dataclass
@@ -100,9 +102,10 @@ def check_checkout(profile: Path) -> str:
     if Path(PARAMS_FILE).read_bytes() != profile.read_bytes():
         raise StageError(f"{PARAMS_FILE} is not {profile}: `cp {profile} {PARAMS_FILE}` first "
                          "(every stage command reads params.yaml)")
-    # Porcelain lines are "XY path": the status columns may start with a space.
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-               if line[3:] != PARAMS_FILE]
+    # Porcelain lines are "XY path" (the status columns may start with a space). What
+    # `dvc repro` of the shared stages writes (the lock, metrics, plots) may differ.
+    changed = [path for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if not (path := line[3:]).startswith(DVC_WRITES)]
     if changed:
         raise StageError(f"the checkout has uncommitted changes ({', '.join(changed[:5])}): a study "
                          "runs on a commit, so that every run can be repeated from it")

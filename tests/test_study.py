@@ -66,3 +66,26 @@ def test_only_selects_runs_and_the_models_they_build_on(tmp_path, monkeypatch):
     assert study.select(runs, None) == runs
     with pytest.raises(study.StageError, match="no run of the profile matches"):
         study.select(runs, ["kd*"])
+
+
+def test_checkout_check_allows_what_dvc_writes_and_refuses_code_changes(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+
+    def git(*args):
+        subprocess.run(["git", *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("params.yaml", "profile.yaml", "dvc.lock", "metrics/tokenizer.json", "up/model.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a: 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    # `dvc repro` of the shared stages rewrites the lock and the metrics: still the commit's code
+    for name in ("dvc.lock", "metrics/tokenizer.json"):
+        (tmp_path / name).write_text("b: 2\n")
+    assert len(study.check_checkout(tmp_path / "profile.yaml")) == 40
+    (tmp_path / "up/model.py").write_text("b: 2\n")
+    with pytest.raises(study.StageError, match=r"uncommitted changes \(up/model.py\)"):
+        study.check_checkout(tmp_path / "profile.yaml")
