@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.project import params_dict, save_prepared
-from tests.test_sampling import CLASSES, CLUSTERS, CODE_TO_CLUSTER, PATCH_NUMS, build_models
-from up.core.io import load_torch, save_json, save_torch
+from tests.test_sampling import CLASSES, CLUSTERS, CODE_TO_CLUSTER, PATCH_NUMS, build_models, save_models
+from up.core.io import load_torch, save_json
 from up.evaluation import editing as measures
 from up.evaluation.evaluator import Evaluator, save_evaluator
 from up.generation.editing import (
@@ -346,12 +346,7 @@ def project(tmp_path, monkeypatch, models):
                          edit={"masks": ["center", "right_half"], "images_per_class": 2,
                                "fills_per_image": 2, "class_shift": 1, "grid_rows": 3})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    save_torch(dict(config=tok.config, state_dict=tok.state_dict(),
-                    code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS),
-               tmp_path / "models" / "tokenizer.pt")
-    save_torch(dict(config=var.config(), state_dict=var.state_dict(), ema_state_dict=None,
-                    variant={"loss": "ce"}, temperatures=None, step=1),
-               tmp_path / "models" / "var-ce-s0.pt")
+    save_models(models, tmp_path)
     torch.manual_seed(0)
     save_evaluator(Evaluator(1, CLASSES, [4, 8], 8).eval(), tmp_path / "models" / "evaluator.pt")
     splits = {name: (images(n * CLASSES, seed=i), torch.arange(CLASSES).repeat(n))

@@ -5,13 +5,14 @@ import pytest
 import torch
 import yaml
 
+from tests import test_sampling
 from tests.project import make_project, params_from_yaml, tiny_params
-from tests.test_sampling import CLASSES, CLUSTERS, CODE_TO_CLUSTER, LABELS, build_models
+from tests.test_sampling import CLASSES, CODE_TO_CLUSTER, LABELS, build_models, save_models
 from up.core.errors import StageError
 from up.core.io import load_torch, save_torch
 from up.core.params import ParamsError
 from up.core.runtime import setup
-from up.generation.sampler import filter_logits, guidance_ratio, sample
+from up.generation.sampler import filter_logits, guidance_ratio
 from up.models.transformer import load_var_for_sampling
 
 TEMPS = torch.tensor([0.5, 2.0, 3.0, 0.4])  # far from 1: every scale's distribution changes
@@ -23,10 +24,7 @@ def models():
 
 
 def draw(models, **kwargs):
-    var, tok = models
-    kwargs = {"guidance": 2.0, "guidance_schedule": "linear", **kwargs}
-    return sample(var, tok, LABELS, generator=torch.Generator().manual_seed(7),
-                  code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS, **kwargs)
+    return test_sampling.draw(models, seed=7, **kwargs)
 
 
 @torch.no_grad()
@@ -91,9 +89,7 @@ def test_sample_stage_keeps_the_base_models_images_for_the_calibrator(tmp_path, 
     params = params_from_yaml(device="cpu", sample={"n_per_class": 2, "batch_size": 5,
                                                     "grid_per_class": 2}).model_dump()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    save_torch(dict(config=tok.config, state_dict=tok.state_dict(),
-                    code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS),
-               tmp_path / "models" / "tokenizer.pt")
+    save_models(models, tmp_path, with_ce=False)
     save_torch(_checkpoint(var, variant={"loss": "ce"}), tmp_path / "models" / "var-ce-s0.pt")
     for name, at in (("ce+ts", False), ("ce+ts-sampler", True)):
         save_torch(_checkpoint(var, variant={"name": name, "loss": "ts",

@@ -221,6 +221,19 @@ def test_unconditional_labels_use_the_null_class(models):
 
 # -- stages -----------------------------------------------------------------
 
+def save_models(models, root, with_ce: bool = True) -> None:
+    """The test tokenizer (with its clusters) and, unless ``with_ce`` is false, the test
+    transformer as the `ce` seed-0 checkpoint, where the stages look for them."""
+    var, tok = models
+    save_torch(dict(config=tok.config, state_dict=tok.state_dict(),
+                    code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS),
+               root / "models" / "tokenizer.pt")
+    if with_ce:
+        save_torch(dict(config=var.config(), state_dict=var.state_dict(), ema_state_dict=None,
+                        variant={"loss": "ce"}, temperatures=None, step=1),
+                   root / "models" / "var-ce-s0.pt")
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, models):
     """A project folder with params.yaml, a tokenizer and a `ce` seed-0 checkpoint."""
@@ -230,12 +243,7 @@ def project(tmp_path, monkeypatch, models):
     params["sample"].update(n_per_class=3, batch_size=4, grid_per_class=2, save_pngs=True,
                             guidance=1.5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    save_torch(dict(config=tok.config, state_dict=tok.state_dict(),
-                    code_to_cluster=CODE_TO_CLUSTER, num_clusters=CLUSTERS),
-               tmp_path / "models" / "tokenizer.pt")
-    save_torch(dict(config=var.config(), state_dict=var.state_dict(), ema_state_dict=None,
-                    variant={"loss": "ce"}, temperatures=None, step=1),
-               tmp_path / "models" / "var-ce-s0.pt")
+    save_models(models, tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
