@@ -232,9 +232,11 @@ def test_readme_blocks_are_rewritten_from_the_report(study, tmp_path):
     assert "stale" not in text and text.startswith("# Project\n\nIntro.\n\n") and text.endswith("End.\n")
     dose = summary.split("## Dose of each term")[1].split("\n## ")[0]
     block = text.split("training compute -->\n")[1].split("<!-- /study -->")[0]
-    assert block == "\n## Dose of each term" + dose.rstrip("\n") + "\n\n"
+    assert block == "\n#### Dose of each term" + dose.rstrip("\n") + "\n\n"  # two levels down
     whole = text.split("<!-- study:toy:summary -->\n")[1].split("<!-- /study -->")[0]
-    assert whole.strip("\n") == summary.split("\n", 1)[1].strip("\n")  # all but the title line
+    body = summary.split("\n", 1)[1]  # all but the title line
+    assert "\n#### Dose-response\n" in whole and "\n## " not in whole
+    assert whole.strip("\n") == re.sub(r"^(#+) ", r"##\1 ", body, flags=re.M).strip("\n")
     assert rewrite_readme(text) == text  # generated: rewriting again changes nothing
 
 

@@ -555,6 +555,16 @@ def report_part(folder: Path, part: str) -> str:
 
 def rewrite_readme(text: str, results: Path = paths.RESULTS) -> str:
     """``text`` with every ``<!-- study:NAME:PART -->`` ... ``<!-- /study -->`` block
-    holding ``report_part(results/NAME, PART)``: the README's tables are generated."""
-    return README_BLOCK.sub(lambda m: f"{m['open']}\n{report_part(Path(results) / m['name'], m['part'])}"
-                            f"\n\n{m['close']}", text)
+    holding ``report_part(results/NAME, PART)`` (headings two levels down): the README's
+    tables are generated."""
+    def block(m: re.Match) -> str:
+        part = _nested(report_part(Path(results) / m["name"], m["part"]))
+        return f"{m['open']}\n{part}\n\n{m['close']}"
+
+    return README_BLOCK.sub(block, text)
+
+
+def _nested(markdown: str) -> str:
+    """The report's headings two levels down, so a block sits inside the README's
+    ``### <study>`` section instead of starting sections of its own."""
+    return re.sub(r"^(#+) ", r"##\1 ", markdown, flags=re.M)
