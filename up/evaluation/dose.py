@@ -211,6 +211,12 @@ def figure(curves: dict):
                 seeds = [v for v in point[key]["values"].values() if v is not None]
                 ax.scatter([w] * len(seeds), seeds, s=12, color="C0", alpha=0.5)
             means = [p[key]["mean"] for p in data["points"].values()]
+            if all(m is None for m in means):  # e.g. a weight that breaks the model
+                ax.text(0.5, 0.5, "no level every weight reaches", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="0.4")
+                ax.set_title(title, fontsize=9)
+                ax.set_axis_off()
+                continue
             ax.plot([w for w, m in zip(weights, means, strict=True) if m is not None],
                     [m for m in means if m is not None], color="C0", marker="o", label=label)
             for i, (ref, point) in enumerate(data["references"].items()):
