@@ -404,7 +404,7 @@ def part_sample(check: Check, rec: Record) -> None:
     labels, ids = torch.arange(sp.batch_size) % classes, torch.arange(sp.batch_size)
     run = {mode: batch_sampler(var, tokenizer, labels, params.seed, bf16, guidance=sp.guidance,
                                guidance_schedule=sp.guidance_schedule, top_k=sp.top_k,
-                               top_p=sp.top_p, temperature=sp.temperature,
+                               top_p=sp.top_p, temperature=sp.temperature, draw=sp.draw,
                                code_to_cluster=torch.arange(tp.vocab_size) % tp.semantic_clusters,
                                num_clusters=tp.semantic_clusters, use_cache=use_cache)
            for mode, use_cache in (("KV cache", True), ("no cache", False))}

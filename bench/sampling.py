@@ -14,7 +14,9 @@ alternating the paths in every round so all see the same machine load;
 reports images/s (median over repeats) and the ratios. Decoding the latent
 into pixels is excluded everywhere (it is the same convolutional decoder
 work whichever sampler made the tokens); our sampler still records the
-per-token uncertainty of every token.
+per-token uncertainty of every token. Both draws (sample.draw: inverse_cdf, one
+uniform per token; multinomial, torch.multinomial's one exponential per code, as
+VAR draws) are timed with the cache.
 
 KV cache: without it every scale re-runs the whole prefix, so a forward pass
 processes sum_k end_k tokens instead of L; that ratio is the most the cache
@@ -54,7 +56,7 @@ from up.models.transformer import VAR
 from up.training.tokenizer import build_tokenizer
 
 NUM_CLASSES = 10
-MODES = {"cache": True, "no-cache": False}
+OTHER_DRAW = {"inverse_cdf": "multinomial", "multinomial": "inverse_cdf"}
 
 
 def build(params, device: torch.device):
@@ -79,7 +81,7 @@ def synchronised(device: torch.device, work) -> float:
     return time.perf_counter() - start
 
 
-def run_batch(params, device, models, use_cache: bool, seed: int = 0) -> float:
+def run_batch(params, device, models, use_cache: bool, draw: str, seed: int = 0) -> float:
     """Seconds to generate one batch with our sampler (uncertainty recorded)."""
     var, tokenizer, code_to_cluster = models
     sp = params.sample
@@ -87,7 +89,7 @@ def run_batch(params, device, models, use_cache: bool, seed: int = 0) -> float:
     generator = torch.Generator(device=device).manual_seed(seed)
     return synchronised(device, lambda: sample(
         var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
-        top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, generator=generator,
+        top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, draw=draw, generator=generator,
         code_to_cluster=code_to_cluster, num_clusters=params.tokenizer.semantic_clusters,
         use_cache=use_cache))
 
@@ -141,13 +143,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory_mib(params, device, models, use_cache: bool) -> float:
+def peak_memory_mib(params, device, models, use_cache: bool, draw: str) -> float:
     """Peak memory of one batch above the memory held before it (MiB)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_batch(params, device, models, use_cache)
+        run_batch(params, device, models, use_cache, draw)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     gc.collect()
     base = rss_bytes()
@@ -160,7 +162,7 @@ def peak_memory_mib(params, device, models, use_cache: bool) -> float:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        run_batch(params, device, models, use_cache)
+        run_batch(params, device, models, use_cache, draw)
     finally:
         done.set()
         poller.join()
@@ -194,7 +196,11 @@ def main() -> None:
           f"({models[0].num_parameters() / 1e6:.2f}M params), scales {params.tokenizer.patch_nums} "
           f"(L={models[0].seq_len}), V={params.tokenizer.vocab_size}, batch {sp.batch_size}, "
           f"guidance {sp.guidance} ({sp.guidance_schedule}), device {device}, threads {params.threads}")
-    paths = {mode: (lambda use=use: run_batch(params, device, models, use)) for mode, use in MODES.items()}
+    # (label, KV cache, draw): sample.draw with and without the cache, and the other draw
+    modes = {"cache": (True, sp.draw), "no-cache": (False, sp.draw),
+             f"cache, {OTHER_DRAW[sp.draw]}": (True, OTHER_DRAW[sp.draw])}
+    paths = {mode: (lambda use=use, draw=draw: run_batch(params, device, models, use, draw))
+             for mode, (use, draw) in modes.items()}
     if args.against_var is not None:
         if sp.guidance_schedule != "linear" or sp.top_k or sp.top_p < 1 or sp.temperature != 1:
             raise SystemExit("the VAR comparison needs sample.guidance_schedule linear, no top-k/top-p "
@@ -209,17 +215,22 @@ def main() -> None:
         for mode, run in paths.items():
             times[mode].append(run())
     rate = {mode: sp.batch_size / statistics.median(t) for mode, t in times.items()}
-    for mode, use_cache in MODES.items():
-        peak = peak_memory_mib(params, device, models, use_cache)
-        say(f"{mode:>9}: {rate[mode]:8.1f} images/s  (median of {args.repeats} batches; "
+    for mode, (use_cache, draw) in modes.items():
+        peak = peak_memory_mib(params, device, models, use_cache, draw)
+        say(f"{mode:>24}: {rate[mode]:8.1f} images/s  (median of {args.repeats} batches; "
               f"peak memory of one batch {peak:.0f} MiB)")
     bound = cache_bound(params.tokenizer.patch_nums)
     speedup = rate["cache"] / rate["no-cache"]
     say(f"KV-cache speed-up: {speedup:.2f}x of at most {bound:.2f}x (token count): "
           f"{speedup / bound:.0%} of the bound")
+    other = f"cache, {OTHER_DRAW[sp.draw]}"
+    say(f"sample.draw {sp.draw} / {OTHER_DRAW[sp.draw]}: {rate['cache'] / rate[other]:.2f}x")
     if "VAR" in rate:
-        say(f"      VAR: {rate['VAR']:8.1f} images/s  (autoregressive_infer_cfg, KV cache)")
-        say(f"ours / VAR: {rate['cache'] / rate['VAR']:.2f}x (ours records per-token uncertainty)")
+        say(f"{'VAR':>24}: {rate['VAR']:8.1f} images/s  (autoregressive_infer_cfg, KV cache, "
+            "torch.multinomial)")
+        say(f"ours / VAR: {rate['cache'] / rate['VAR']:.2f}x with sample.draw {sp.draw}, "
+            f"{rate[other] / rate['VAR']:.2f}x with {OTHER_DRAW[sp.draw]} "
+            "(ours records per-token uncertainty)")
     say.save(args.out, sys.argv)
 
 

@@ -95,7 +95,8 @@ def editor(params: Params, variant: str, seed: int, checkpoint: Path | None = No
         paths.model(variant, seed) if checkpoint is None else checkpoint, ema=True)
     code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
     settings = dict(guidance=sp.guidance, guidance_schedule=sp.guidance_schedule, top_k=sp.top_k,
-                    top_p=sp.top_p, temperature=sp.temperature, scale_temperatures=temperatures,
+                    top_p=sp.top_p, temperature=sp.temperature, draw=sp.draw,
+                    scale_temperatures=temperatures,
                     sample_at_temperatures=at_temperatures, code_to_cluster=code_to_cluster,
                     num_clusters=num_clusters, kappa=kappa,
                     bf16=device.type == "cuda" and params.train.bf16)

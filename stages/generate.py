@@ -41,7 +41,7 @@ def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n
     generator = torch.Generator(device=device).manual_seed(seed)
     images, _, unc = sample(var, vq, labels, guidance=guidance,
                             guidance_schedule=sp.guidance_schedule, top_k=top_k, top_p=top_p,
-                            temperature=temperature, scale_temperatures=scale_temperatures,
+                            temperature=temperature, draw=sp.draw, scale_temperatures=scale_temperatures,
                             sample_at_temperatures=at_temperatures, generator=generator,
                             code_to_cluster=code_to_cluster, num_clusters=num_clusters)
     save_image_grid(images, out, nrow=n)

@@ -105,7 +105,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         bf16 = device.type == "cuda" and params.train.bf16
         result = sample_many(var, tokenizer, labels, sp.batch_size, seed, f"sample {variant}-s{seed}",
                              ctx, bf16, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
-                             top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature,
+                             top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, draw=sp.draw,
                              scale_temperatures=scale_temperatures,
                              sample_at_temperatures=at_temperatures,
                              code_to_cluster=code_to_cluster, num_clusters=num_clusters, kappa=kappa)

@@ -117,7 +117,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         real = image_features(test.images, net.fidelity, config.batch_size, ctx,
                               "features test split")
         quality = None if real is None else SubsetQuality(real["fid"], config)
-        kwargs = dict(guidance_schedule=sp.guidance_schedule,
+        kwargs = dict(guidance_schedule=sp.guidance_schedule, draw=sp.draw,
                       scale_temperatures=scale_temperatures, sample_at_temperatures=at_temperatures,
                       code_to_cluster=code_to_cluster, num_clusters=num_clusters, kappa=kappa)
         rows = []

@@ -10,7 +10,8 @@ from PIL import Image
 
 from tests.project import ROOT
 from up.core.io import load_torch, save_torch
-from up.generation.sampler import batch_generator, filter_logits, guidance_ratio, sample
+from up.generation.sampler import (batch_generator, filter_logits, guidance_ratio, sample,
+                                  sample_tokens)
 from up.generation.scores import aggregate
 from up.models.tokenizer import MultiScaleVQVAE
 from up.models.transformer import VAR
@@ -79,6 +80,43 @@ def test_filter_logits_by_hand():
     assert kept(top_p=0.9) == [True, True, True, False]
     assert kept(top_k=3, top_p=0.6) == [True, True, False, False]
     assert kept(top_p=0.01) == [True, False, False, False]  # the mode always survives
+
+
+def test_inverse_cdf_draw_by_hand():
+    """One uniform per row, compared with the running sum: u * total in [0, 0.1) is code
+    0, [0.1, 0.7) code 2 (code 1 has probability 0 and is never drawn), [0.7, 1) code 3."""
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().expand(6, 4)
+    generator = torch.Generator().manual_seed(3)
+    u = torch.rand(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = [0 if x < 0.1 else 2 if x < 0.7 else 3 for x in u.squeeze(1).tolist()]
+    assert sample_tokens(logits, generator).tolist() == expected
+    assert len(set(expected)) > 1  # the seed exercises more than one interval
+
+
+@pytest.mark.parametrize("draw", ["inverse_cdf", "multinomial"])
+def test_both_draws_follow_the_distribution(draw):
+    """200,000 draws: every code's frequency within 5 standard errors of its probability;
+    codes of probability 0 (also the first and the last, as truncation leaves them) never."""
+    probs = torch.tensor([0.0, 0.05, 0.5, 0.0, 0.15, 0.3, 0.0])
+    n = 200_000
+    tokens = sample_tokens(probs.log().expand(n, -1), torch.Generator().manual_seed(0), draw)
+    freq = torch.bincount(tokens, minlength=len(probs)).double() / n
+    stderr = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert torch.all((freq - probs.double()).abs() <= 5 * stderr + 1e-12), freq
+    assert freq[probs == 0].sum() == 0
+
+
+def test_draws_differ_in_tokens_not_in_law(models):
+    """sample.draw changes which tokens a seed gives, and an unknown draw is refused."""
+    var, tok = models
+    kwargs = dict(guidance=1.5, guidance_schedule="linear", code_to_cluster=CODE_TO_CLUSTER,
+                  num_clusters=CLUSTERS)
+    runs = {draw: sample(var, tok, LABELS, generator=torch.Generator().manual_seed(0),
+                         draw=draw, **kwargs)[1] for draw in ("inverse_cdf", "multinomial")}
+    assert any(not torch.equal(a, b) for a, b in zip(*runs.values(), strict=True))
+    with pytest.raises(ValueError, match="unknown draw 'gumbel'"):
+        sample(var, tok, LABELS, generator=torch.Generator().manual_seed(0), draw="gumbel", **kwargs)
 
 
 def test_aggregate_by_hand():

@@ -214,6 +214,7 @@ class SampleParams(Section):
     top_k: int = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     temperature: float = Field(gt=0)
+    draw: Literal["inverse_cdf", "multinomial"]  # how a token is drawn (up.generation.sampler)
     unconditional: bool
     save_pngs: bool
     grid_per_class: int = Field(ge=1, le=64)

@@ -57,11 +57,34 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of softmax(logits) (..., V) -> (...)."""
+DRAWS = ("inverse_cdf", "multinomial")
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator,
+                  draw: str = "inverse_cdf") -> torch.Tensor:
+    """One draw per row of softmax(logits) (..., V) -> (...).
+
+    ``inverse_cdf``: one uniform u per row, the first code whose running sum of
+    probabilities exceeds u times the total (float64 sums, so no code's share is off by more
+    than about 2^-52; a code of probability 0 is never drawn); ``multinomial``:
+    torch.multinomial, which draws one exponential per code (V per token) and is the
+    slowest step of CPU sampling after the matrix products; both are exact draws from the
+    same distribution, but from the same seed they give different tokens."""
     probs = logits.softmax(-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    if draw == "multinomial":
+        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    if draw != "inverse_cdf":
+        raise ValueError(f"unknown draw {draw!r} ({' | '.join(DRAWS)})")
+    cdf = flat.double().cumsum_(-1)
+    u = torch.rand(len(flat), 1, dtype=torch.float64, generator=generator, device=flat.device)
+    index = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
+    return index.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])
+
+
+def _divided(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, without the pass over x when the divisor is 1 (the same values)."""
+    return x if divisor == 1.0 else x / divisor
 
 
 def _branch_labels(labels: torch.Tensor, null: int, guidance: float
@@ -92,8 +115,8 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
            temperature: float = 1.0, scale_temperatures: torch.Tensor | None = None,
            sample_at_temperatures: bool = False, generator: torch.Generator,
            code_to_cluster: torch.Tensor, num_clusters: int, kappa: float = 1.0,
-           use_cache: bool = True, known: list[torch.Tensor] | None = None
-           ) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+           use_cache: bool = True, known: list[torch.Tensor] | None = None,
+           draw: str = "inverse_cdf") -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """Generate one image per label (-1 = unconditional).
 
     Guidance doubles the batch with the null class and mixes
@@ -138,16 +161,16 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
                                    tokenizer.latent_channels)
             t_k = 1.0 if scale_temperatures is None else float(scale_temperatures[k])
             t_draw = t_k if sample_at_temperatures else 1.0
-            cond = logits[:B] / t_k
+            cond = _divided(logits[:B], t_k)
             if guided:
                 t = guidance_ratio(guidance, guidance_schedule, k, len(patch_nums))
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            drawn = logits / (temperature * t_draw)
-            idx = sample_tokens(filter_logits(drawn, top_k, top_p), generator).view(B, pn, pn)
+            drawn = _divided(logits, temperature * t_draw)
+            idx = sample_tokens(filter_logits(drawn, top_k, top_p), generator, draw).view(B, pn, pn)
             if known is not None:
                 forced = known[k].to(device)
                 idx = torch.where(forced >= 0, forced, idx)
-            scored = logits / (temperature * t_k)
+            scored = _divided(logits, temperature * t_k)
             recorded = {**token_uncertainty(scored, code_to_cluster, num_clusters, kappa),
                         **conditional_uncertainty(cond, idx)}
             for name, value in recorded.items():
