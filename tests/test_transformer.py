@@ -75,25 +75,6 @@ def test_kv_cache_matches_full_forward():
     assert all(block.attn.cache is None for block in model.blocks)
 
 
-def test_mlp_rows_in_chunks_give_the_unchunked_values(monkeypatch):
-    """Without gradients on the CPU the MLP runs its rows in chunks (cache locality); each
-    row's arithmetic is the same, so the output equals the one-pass (training) path."""
-    from up.models.transformer import MLP
-
-    torch.manual_seed(0)
-    mlp, x = MLP(16, 64), torch.randn(3, 37, 16)
-    whole = mlp(x).detach()  # gradients on: one pass
-    monkeypatch.setattr(MLP, "CHUNK_BYTES", 64 * 4 * 10)  # 10 rows per chunk: 12 chunks
-    calls = []
-    monkeypatch.setattr(MLP, "_rows", lambda self, rows: calls.append(len(rows)) or
-                        self.fc2(torch.nn.functional.gelu(self.fc1(rows), approximate="tanh")))
-    with torch.no_grad():
-        chunked = mlp(x)
-    assert calls == [10] * 11 + [1]
-    assert chunked.shape == x.shape
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
-
-
 def test_prefix_forward_matches_full_forward():
     """The no-cache sampling path runs forward on a prefix ending at a scale boundary."""
     model = tiny()

@@ -91,27 +91,12 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc2(GELU(fc1(x))). On the CPU without gradients (sampling, evaluation) the rows go
-    through in chunks whose hidden activations (4x the width) fit in CHUNK_BYTES, so fc1's
-    output is still in the CPU's cache when GELU and fc2 read it instead of making three
-    trips to memory (bench/sampling.py: about 1.2x on sampling at batch 100). Each row's
-    arithmetic is the same, so the values are too (tests/test_transformer.py)."""
-
-    CHUNK_BYTES = 4 * 2**20
-
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = max(1, self.CHUNK_BYTES // (self.fc1.out_features * x.element_size()))
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() // x.shape[-1] <= rows:
-            return self._rows(x)
-        chunks = x.reshape(-1, x.shape[-1]).split(rows)
-        return torch.cat([self._rows(chunk) for chunk in chunks]).view(*x.shape[:-1], -1)
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
