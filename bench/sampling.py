@@ -10,7 +10,11 @@ Usage (from the project root):
 Builds the tokenizer and the VAR of params.yaml (tokenizer, transformer,
 data.channels; 10 classes; random weights: speed does not depend on them)
 and generates sample.batch_size images with the sample section's guidance,
-alternating the paths in every round so all see the same machine load;
+alternating the paths in every round so all see the same machine load; in each turn a
+path first generates one untimed batch, so that the timed one finds the memory
+allocator as a process running only that sampler leaves it (timed right after another
+path, a batch pays for the page faults of that path's different tensor sizes, and the
+ratios moved with the order of the paths: docs/benchmarks.md);
 reports images/s (median over repeats) and the ratios. Decoding the latent
 into pixels is excluded everywhere (it is the same convolutional decoder
 work whichever sampler made the tokens); our sampler still records the
@@ -208,11 +212,10 @@ def main() -> None:
         official = build_official(args.against_var.expanduser(), params, models[0], device)
         if official is not None:
             paths["VAR"] = lambda: run_official(params, device, official)
-    for run in paths.values():  # warm-up
-        run()
     times = {mode: [] for mode in paths}
     for _ in range(args.repeats):
         for mode, run in paths.items():
+            run()  # untimed: the allocator settles to this path's tensors, as in a run of one sampler
             times[mode].append(run())
     rate = {mode: sp.batch_size / statistics.median(t) for mode, t in times.items()}
     for mode, (use_cache, draw) in modes.items():
