@@ -120,6 +120,37 @@ def test_overconfident_profile_is_the_study(tmp_path, monkeypatch):
         assert getattr(params, section) == getattr(default, section), section
 
 
+
+def test_confirmatory_runs_are_the_dose_response_runs(tmp_path, monkeypatch):
+    """Part 2 of the study keeps part 1's runs of the same name and seed (their folders are
+    skipped), which is right only if they are the same runs: every setting that defines a
+    training run, and every sampling, sweep, editing and evaluation setting, agree. Part 2
+    holds each `up` reference at one weight with its `+ts`, 5 seeds; part 1 has both
+    ablations at that weight."""
+    from up.training.run import resolved_params
+
+    folder = PROFILES[0].parent
+    dose = _load(folder / "overconfident-dose.yaml", tmp_path, monkeypatch)
+    confirm = _load(folder / "overconfident-confirm.yaml", tmp_path, monkeypatch)
+    assert confirm.seeds == [0, 1, 2, 3, 4] and set(dose.seeds) <= set(confirm.seeds)
+    shared = sorted(set(dose.runs) & set(confirm.runs))
+    assert {"ce", "ce+ts", "ce+ts-sampler"} <= set(shared) and len(shared) >= 7
+    for name in shared:
+        for seed in dose.seeds:
+            assert resolved_params(dose, name, seed) == resolved_params(confirm, name, seed), name
+    for section in ("seed", "data", "tokenizer", "transformer", "train", "reference", "sample",
+                    "sweep", "edit", "evaluator", "evaluate"):
+        assert getattr(dose, section) == getattr(confirm, section), section
+    selected = {v.reference: v for n, v in confirm.runs.items()
+                if v.loss == "up" and not n.endswith("+ts")}
+    assert set(selected) == {"empirical", "calibrated", "teacher"}
+    assert {f"{n}+ts" for n, v in confirm.runs.items() if v in selected.values()} <= set(confirm.runs)
+    for ref, chosen in selected.items():
+        ablations = {(v.lambda_disp, v.lambda_se) for v in dose.runs.values()
+                     if v.loss == "up" and v.reference == ref}
+        assert (chosen.lambda_disp, 0.0) in ablations and (0.0, chosen.lambda_se) in ablations, ref
+    assert {"ls", "lr"} <= set(confirm.runs) and any(v.loss == "kd" for v in confirm.runs.values())
+
 def test_imagenet_profile_is_var_d16(tmp_path, monkeypatch):
     params = _load(Path(PROFILES[0]).with_name("imagenet256-d16.yaml"), tmp_path, monkeypatch)
     tok, arch = params.tokenizer, params.transformer

@@ -42,7 +42,25 @@ def test_paired_t_test_p_value_by_hand():
     t = 0.433333 / (0.305505 / math.sqrt(3))
     assert t_test_p([0.5, 0.1, 0.7]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-5)
     assert t_test_p([0.3]) is None
-    assert t_test_p([0.2, 0.2]) == 0.0 and t_test_p([0.0, 0.0]) == 1.0
+    assert t_test_p([0.2, 0.2]) == 0.0
+    # equal in every seed (ce+ts's FID is ce's): no test, so outside the Holm family
+    assert t_test_p([0.0, 0.0]) is None
+
+
+def test_figures_shared_by_construction_are_not_in_the_family():
+    """`ce+ts` samples `ce`'s images: its FID equals `ce`'s in every seed, so that cell is
+    printed as equal and is no comparison; its ECE differs, and is one: a family of 1."""
+    from up.evaluation.report import paired_differences, paired_markdown
+
+    ce = {s: {key: 0.5 + 0.1 * s for key in paired_keys()} for s in (0, 1)}
+    runs = {"ce": ce, "ce+ts": {s: {**m, "ece": m["ece"] / 40 + 0.001 * s} for s, m in ce.items()}}
+    paired = {"ce": paired_differences(runs, "ce", paired_keys())}
+    assert paired["ce"]["ce+ts"]["fid"]["p"] is None and paired["ce"]["ce+ts"]["ece"]["p"] > 0
+    assert adjust_family(paired, ["ce", "ce+ts"]) == 1
+    assert paired["ce"]["ce+ts"]["fid"]["p_holm"] is None
+    table = "\n".join(paired_markdown(paired, p_values=True))
+    row = next(line for line in table.splitlines() if line.startswith("| ce+ts | 0,1 |"))
+    assert "= (equal)" in row
 
 
 def test_family_counts_a_pair_compared_both_ways_once():
@@ -181,12 +199,13 @@ def test_holm_family_is_the_confirmatory_runs_paired_with_the_baselines(study):
     summary = json.loads((study / "summary.json").read_text())
     assert summary["confirmatory"] == ["ce", "ce+ts", "kd_l4", "up_teacher_l32"]
     assert list(summary["paired"]) == ["ce", "ce+ts", "kd_l4"]
-    # pairs among 4 confirmatory runs, 3 of them baselines: all 6, each once
-    m = 6 * len(paired_keys())
+    # pairs among 4 confirmatory runs, 3 of them baselines: all 6, each once, over the
+    # figures the toy runs differ in (FID, ECE, NLL); the others are equal in every seed
+    m = 6 * 3
     text = (study / "summary.md").read_text()
     assert f"Confirmatory comparisons: {m} " in text and f"Holm-adjusted over these {m}" in text
     cells = [c for by_v in summary["paired"].values() for v, cs in by_v.items()
-             if v in summary["confirmatory"] for c in cs.values() if c is not None]
+             if v in summary["confirmatory"] for c in cs.values() if c is not None and c["p"] is not None]
     assert all(c["p_holm"] >= c["p"] for c in cells)
     explored = text.split("## Exploratory paired differences")[1].split("\n## ")[0]
     assert "| up_teacher_se0 |" in explored and "| up_teacher_l32 |" not in explored
