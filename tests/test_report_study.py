@@ -207,6 +207,10 @@ def test_holm_family_is_the_confirmatory_runs_paired_with_the_baselines(study):
     cells = [c for by_v in summary["paired"].values() for v, cs in by_v.items()
              if v in summary["confirmatory"] for c in cs.values() if c is not None and c["p"] is not None]
     assert all(c["p_holm"] >= c["p"] for c in cells)
+    confirmed = text.split("## Confirmatory set")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in confirmed.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
+    assert rows == summary["confirmatory"]
     explored = text.split("## Exploratory paired differences")[1].split("\n## ")[0]
     assert "| up_teacher_se0 |" in explored and "| up_teacher_l32 |" not in explored
 

@@ -285,6 +285,13 @@ def markdown(summary: dict[str, dict], selective_fraction: float | None,
         "",
         *_table(summary, main_columns(METRICS)),
     ]
+    if confirmatory is not None and set(confirmatory) != set(summary):
+        lines += ["", "## Confirmatory set", "",
+                  "The runs compared with Holm's adjustment: every run but the dose-response "
+                  "points off the selected weight and the ablations at it (exploratory). "
+                  + ("Cells: mean ± sample std over the listed seeds. " if multi else "")
+                  + "Paired differences and p-values: the next section.", "",
+                  *_table({v: summary[v] for v in confirmatory}, main_columns(METRICS))]
     if paired:
         members = list(summary) if confirmatory is None else list(confirmatory)
         lines += paired_section(paired, members, adjust_family(paired, members))
