@@ -6,8 +6,9 @@ diversity at matched class accuracy, mean and interval over seeds, paired
 differences over the range shared with the teacher, its temperature-scaled versions
 and the teacher sampled hotter; truncated sampling), results/frontier.json (the same,
 the levels and the mean curves) and results/frontier.png (the three frontier panels).
-With ``study``: the sweep.json of whichever runs results/<study>/runs/ holds, written
-into results/<study>/. The rules are in up/evaluation/frontier.py.
+With ``study``: the sweep.json of whichever runs results/<study>/runs/ holds, but the
+exploratory ones (a dose-response's other weights, the ablations: the report's dose
+tables read those), written into results/<study>/. The rules are in up/evaluation/frontier.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from up.core import paths
 from up.core.errors import StageError
 from up.core.io import save_figure, save_json, save_text
 from up.core.params import Params
+from up.evaluation import dose
 from up.evaluation.frontier import curve_label, frontier_figure, markdown, summarize
 from up.evaluation.report import (
     baselines,
@@ -48,12 +50,17 @@ def run(params: Params, study: str | None = None) -> None:
         folder = paths.study(study)
         profiles = study_profiles(folder)
         runs = study_runs(folder, profiles)
-        sweeps = present(runs, "sweep")
+        _, _, exploratory = dose.choose(runs)  # off-selection dose points, ablations
+        sweeps = {v: by_seed for v, by_seed in present(runs, "sweep").items() if v not in exploratory}
         if not sweeps:
             raise StageError(f"--study {study}: no run under {folder / 'runs'} has {paths.STUDY_SWEEP}")
         settings = {v: next(iter(by_seed.values()))["settings"] for v, by_seed in runs.items()}
         teacher = study_teacher(profiles, params.teacher)
         preface = runs_markdown(runs, expected_runs(profiles), f"{folder / 'runs'}/", "sweep")
+        if exploratory:
+            preface += [f"Left out here, as exploratory: {', '.join(f'`{v}`' for v in exploratory)} "
+                        "(the dose-response's other weights and the ablations; summary.md's "
+                        "dose-response tables read them at matched class accuracy).", ""]
     compared = [b for b in baselines(teacher, settings) if b in sweeps]
     summary = summarize(sweeps, compared + [curve_label(teacher, "temperature")], fixed)
     text = markdown(summary)

@@ -83,9 +83,7 @@ def report(runs: dict[str, dict[int, dict]], teacher: str, folder: Path,
     fractions = {r.get("selective_fraction") for by_seed in evals.values() for r in by_seed.values()}
     fraction = fractions.pop() if len(fractions) == 1 else None
     settings = {v: next(iter(by_seed.values()))["settings"] for v, by_seed in runs.items() if v in evals}
-    with_eval = {v: {s: r for s, r in runs[v].items() if r["eval"] is not None} for v in evals}
-    selection = {label: dose.select(with_eval, g) for label, g in dose.groups(with_eval).items()}
-    exploratory = dose.exploratory(with_eval, selection)
+    selection, with_eval, exploratory = dose.choose(runs)
     confirmatory = [v for v in evals if v not in exploratory]
     compared = [b for b in baselines(teacher, settings) if b in confirmatory]
     several = any(len(by_seed) > 1 for by_seed in evals.values())

@@ -237,6 +237,11 @@ def test_study_frontier_has_the_temperature_curve_and_missing_runs(study):
     assert list(summary["paired"])[:2] == ["ce", "ce+ts"]
     text = (study / "frontier.md").read_text()
     assert "missing: `up_teacher_l32+ts-s0`" in text
+    # the exploratory runs (other dose points, ablations) are left out, and said so
+    assert set(summary["variants"]) >= {"ce", "ce+ts", "kd_l4", "up_teacher_l32"}
+    assert not {"kd_l1", "up_teacher", "up_teacher_se0", "up_teacher_disp0"} & set(summary["variants"])
+    assert "Left out here, as exploratory:" in text and "`up_teacher_se0`" in text
+    assert "kd_l1" not in summary["paired"]
     assert (study / "frontier.png").stat().st_size > 0
 
 

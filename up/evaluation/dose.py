@@ -106,6 +106,16 @@ def exploratory(runs: dict[str, dict[int, dict]], selection: dict[str, dict]) ->
     return list(dict.fromkeys(out))
 
 
+def choose(runs: dict[str, dict[int, dict]]) -> tuple[dict[str, dict], dict[str, dict[int, dict]],
+                                                      list[str]]:
+    """The study's choice, from the runs that have an evaluation: each dose group's
+    selection (``select``), those runs (variant -> seed -> run) and the exploratory
+    variants; every other run is in the confirmatory family."""
+    with_eval = {v: kept for v, by_seed in runs.items()
+                 if (kept := {s: r for s, r in by_seed.items() if r.get("eval") is not None})}
+    selection = {label: select(with_eval, g) for label, g in groups(with_eval).items()}
+    return selection, with_eval, exploratory(with_eval, selection)
+
 def matched_diversity(runs: dict[str, dict[int, dict]], variants: Sequence[str]) -> dict:
     """Within-class diversity at one class accuracy for every run of ``variants``: the
     midpoint of the range all their guidance curves reach (frontier's rules). Returns the
