@@ -42,25 +42,28 @@ def test_paired_t_test_p_value_by_hand():
     t = 0.433333 / (0.305505 / math.sqrt(3))
     assert t_test_p([0.5, 0.1, 0.7]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-5)
     assert t_test_p([0.3]) is None
-    assert t_test_p([0.2, 0.2]) == 0.0
-    # equal in every seed (ce+ts's FID is ce's): no test, so outside the Holm family
-    assert t_test_p([0.0, 0.0]) is None
+    # no spread, no test (outside the Holm family): equal in every seed (ce+ts's FID is
+    # ce's), or the same difference in every seed (t infinite, p 0: an artefact)
+    assert t_test_p([0.0, 0.0]) is None and t_test_p([-0.003, -0.003]) is None
 
 
 def test_figures_shared_by_construction_are_not_in_the_family():
     """`ce+ts` samples `ce`'s images: its FID equals `ce`'s in every seed, so that cell is
-    printed as equal and is no comparison; its ECE differs, and is one: a family of 1."""
+    printed as equal and is no comparison; its precision differs by the same amount in
+    both seeds (no spread: no test either); its ECE differs, and is one: a family of 1."""
     from up.evaluation.report import paired_differences, paired_markdown
 
     ce = {s: {key: 0.5 + 0.1 * s for key in paired_keys()} for s in (0, 1)}
-    runs = {"ce": ce, "ce+ts": {s: {**m, "ece": m["ece"] / 40 + 0.001 * s} for s, m in ce.items()}}
+    runs = {"ce": ce, "ce+ts": {s: {**m, "ece": m["ece"] / 40 + 0.001 * s,
+                                    "precision": m["precision"] - 0.003} for s, m in ce.items()}}
     paired = {"ce": paired_differences(runs, "ce", paired_keys())}
     assert paired["ce"]["ce+ts"]["fid"]["p"] is None and paired["ce"]["ce+ts"]["ece"]["p"] > 0
     assert adjust_family(paired, ["ce", "ce+ts"]) == 1
     assert paired["ce"]["ce+ts"]["fid"]["p_holm"] is None
     table = "\n".join(paired_markdown(paired, p_values=True))
     row = next(line for line in table.splitlines() if line.startswith("| ce+ts | 0,1 |"))
-    assert "= (equal)" in row
+    assert "= (equal)" in row and "-0.003 (every seed)" in row  # neither is tested
+    assert paired["ce"]["ce+ts"]["precision"]["p"] is None
 
 
 def test_family_counts_a_pair_compared_both_ways_once():
@@ -132,8 +135,8 @@ def write_study(root: Path, name: str = "toy") -> Path:
         for seed, nll in calib.items():
             run = folder / "runs" / f"{variant}-s{seed}"
             metrics = eval_metrics(0, seed)
-            metrics.update(ece=0.2 - 0.001 * i - 0.0003 * seed * i, nll=3.0 + 0.01 * i,
-                           fid=0.5 + 0.02 * i + 0.001 * seed * seed)
+            metrics.update(ece=0.2 - 0.001 * i - 0.0003 * seed * i, nll=3.0 + 0.01 * i + 0.0005 * seed * i,
+                           fid=0.5 + 0.02 * i + 0.001 * seed * seed * i)
             save_json(metrics, run / "eval.json")
             train = {"calib": {"nll": nll, "tokens": 1000},
                      "compute": {"student_gflop": 100.0, "teacher_gflop": 0.0, "total_gflop": 100.0}}
