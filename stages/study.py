@@ -40,8 +40,9 @@ from up.training.run import resolved_params
 
 # The stage commands of one run, in order (each one DVC's cmd for the run's stages).
 COMMANDS = ("train", "sample", "evaluate", "sweep", "edit")
-# Tracked files a study's checkout may have changed: the profile, and what DVC writes.
-DVC_WRITES = (PARAMS_FILE, "dvc.lock", "metrics/", "plots/")
+# Tracked files a study's checkout may have changed: the profile, and what DVC and the runs
+# write (the default run's edit grids under edits/ are rewritten by a run of the same name).
+DVC_WRITES = (PARAMS_FILE, "dvc.lock", "metrics/", "plots/", "edits/")
 
 
 @dataclass
