@@ -168,7 +168,8 @@ def test_report_has_paired_tables_against_teacher_and_ts(tmp_path, monkeypatch):
         save_json(metrics, tmp_path / "metrics" / f"eval-ce+ts-s{seed}.json")
         # up - ce: 10 +- 0.1 (a spread to test; the same difference in both seeds is none)
         up = eval_metrics(1, seed)
-        up.update({k: v + 0.1 * (1 - 2 * seed) for k, v in up.items() if k in paired_keys() and v is not None})
+        up.update({k: v + 0.1 * (1 - 2 * seed) for k, v in up.items()
+                   if k in paired_keys() and v is not None})
         save_json(up, tmp_path / "metrics" / f"eval-up-s{seed}.json")
     for rel in ("plots/eval/ce-s0/reliability.json", "plots/eval/ce-s0/risk_coverage.json",
                 "samples/ce-s0/grid.png"):

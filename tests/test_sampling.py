@@ -10,8 +10,7 @@ from PIL import Image
 
 from tests.project import ROOT
 from up.core.io import load_torch, save_torch
-from up.generation.sampler import (batch_generator, filter_logits, guidance_ratio, sample,
-                                  sample_tokens)
+from up.generation.sampler import batch_generator, filter_logits, guidance_ratio, sample, sample_tokens
 from up.generation.scores import aggregate
 from up.models.tokenizer import MultiScaleVQVAE
 from up.models.transformer import VAR
