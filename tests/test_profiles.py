@@ -120,7 +120,6 @@ def test_overconfident_profile_is_the_study(tmp_path, monkeypatch):
         assert getattr(params, section) == getattr(default, section), section
 
 
-
 def test_confirmatory_runs_are_the_dose_response_runs(tmp_path, monkeypatch):
     """Part 2 of the study keeps part 1's runs of the same name and seed (their folders are
     skipped), which is right only if they are the same runs: every setting that defines a
@@ -150,6 +149,7 @@ def test_confirmatory_runs_are_the_dose_response_runs(tmp_path, monkeypatch):
                      if v.loss == "up" and v.reference == ref}
         assert (chosen.lambda_disp, 0.0) in ablations and (0.0, chosen.lambda_se) in ablations, ref
     assert {"ls", "lr"} <= set(confirm.runs) and any(v.loss == "kd" for v in confirm.runs.values())
+
 
 def test_imagenet_profile_is_var_d16(tmp_path, monkeypatch):
     params = _load(Path(PROFILES[0]).with_name("imagenet256-d16.yaml"), tmp_path, monkeypatch)

@@ -116,6 +116,7 @@ def choose(runs: dict[str, dict[int, dict]]) -> tuple[dict[str, dict], dict[str,
     selection = {label: select(with_eval, g) for label, g in groups(with_eval).items()}
     return selection, with_eval, exploratory(with_eval, selection)
 
+
 def matched_diversity(runs: dict[str, dict[int, dict]], variants: Sequence[str]) -> dict:
     """Within-class diversity at one class accuracy for every run of ``variants``: the
     midpoint of the range all their guidance curves reach (frontier's rules). Returns the
