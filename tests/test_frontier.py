@@ -226,6 +226,20 @@ def test_pair_difference_is_the_mean_gap_over_the_range_not_the_midpoint():
     assert cell["values"] == pytest.approx([0.14]) and cell["p"] is None  # one seed
 
 
+def test_a_pair_that_shares_its_samples_is_printed_equal_not_as_a_zero_interval():
+    """`ce+ts` samples `ce`'s images: in every seed the two curves are one, so the paired
+    difference has no spread, no interval and no test, as in the report's tables."""
+    points = [(1, 0.2, 0.6, 0.8, 1.0, 5), (2, 0.8, 0.2, 1.0, 0.5, 4)]
+    sweeps = {"ce": {s: _sweep("ce", s, points) for s in (0, 1)},
+              "ce+ts": {s: _sweep("ce+ts", s, points) for s in (0, 1)}}
+    summary = summarize(sweeps, ["ce"])
+    cell = summary["paired"]["ce"]["ce+ts"]["recall_at_precision"]
+    assert cell["values"] == [0.0, 0.0] and cell["low"] == cell["high"] == 0.0
+    paired = markdown(summary).split("Paired with `ce`")[1]
+    row = next(line for line in paired.splitlines() if line.startswith("| ce+ts | 0,1"))
+    assert "= (equal) over" in row and "+0 [" not in row
+
+
 def _rows(axis, points, **fields):
     return [{"axis": axis, "precision": p, "recall": r, "class_accuracy": a, "diversity": d,
              "fid": 1.0, "n_samples": 10, **fields, **extra} for p, r, a, d, extra in points]

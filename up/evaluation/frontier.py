@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from up.evaluation import metrics, report
-from up.evaluation.report import t_interval, t_test_p
+from up.evaluation.report import paired_cell, t_interval, t_test_p
 
 # (quality key, diversity key): the diversity figure is read at matched quality.
 MATCHED = [("precision", "recall"), ("class_accuracy", "diversity")]
@@ -292,14 +292,12 @@ def truncation(sweeps: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]
 
 # -- the table ------------------------------------------------------------------
 
-def _cell(entry: dict | None, signed: bool = False) -> str:
+def _cell(entry: dict | None) -> str:
     if entry is None or entry["mean"] is None:
         return "n/a"
-    f = "+.3g" if signed else ".3g"
     if entry["low"] is None:
-        return format(entry["mean"], f)
-    star = "*" if signed and (entry["low"] > 0 or entry["high"] < 0) else ""
-    return f"{entry['mean']:{f}} [{entry['low']:{f}}, {entry['high']:{f}}]{star}"
+        return f"{entry['mean']:.3g}"
+    return f"{entry['mean']:.3g} [{entry['low']:.3g}, {entry['high']:.3g}]"
 
 
 def _range(r: tuple[float, float] | None) -> str:
@@ -352,8 +350,8 @@ def markdown(summary: dict) -> str:
         for v, cells in by_variant.items():
             seeds = next((c["seeds"] for c in cells.values() if c is not None), [])
             row = [v, ",".join(map(str, seeds))]
-            row += [_cell(cells[name], signed=True) + ("" if cells[name] is None else
-                                                        f" over {_range(cells[name]['range'])}")
+            row += [paired_cell(cells[name]) + ("" if cells[name] is None else
+                                                 f" over {_range(cells[name]['range'])}")
                     for _, _, name, *_ in pairs()]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines + truncation_markdown(summary.get("truncation") or {})) + "\n"

@@ -163,7 +163,10 @@ def paired_differences(runs: dict[str, dict[int, dict]], baseline: str,
     return out
 
 
-def _paired_cell(entry: dict | None) -> str:
+def paired_cell(entry: dict | None) -> str:
+    """A paired difference: mean [95 % interval], * where it excludes 0; a difference
+    with no spread over the seeds has no interval (shared by construction, or the same
+    in every seed) and says so."""
     if entry is None:
         return "n/a"
     if entry["low"] is None:
@@ -197,7 +200,7 @@ def paired_markdown(paired: dict[str, dict[str, dict]], rows: Sequence[str] | No
         for variant, cells in shown.items():
             seeds = next((c["seeds"] for c in cells.values() if c is not None), [])
             row = [variant, ",".join(map(str, seeds))]
-            row += [_paired_cell(cells[key]) for key, _ in columns]
+            row += [paired_cell(cells[key]) for key, _ in columns]
             lines.append("| " + " | ".join(row) + " |")
         if not p_values:
             continue
