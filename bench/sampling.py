@@ -5,6 +5,7 @@ Usage (from the project root):
     python bench/sampling.py                          # default model and batch of params.yaml
     python bench/sampling.py --patch-nums 1,2,3,4,5,6,8,10,13,16   # VAR's 10 scales (L 680)
     python bench/sampling.py --against-var ~/VAR      # also VAR's autoregressive_infer_cfg
+    python bench/sampling.py --compile                # also the blocks under torch.compile
     python bench/sampling.py --repeats 10 --device cuda
 
 Builds the tokenizer and the VAR of params.yaml (tokenizer, transformer,
@@ -21,6 +22,10 @@ work whichever sampler made the tokens); our sampler still records the
 per-token uncertainty of every token. Both draws (sample.draw: inverse_cdf, one
 uniform per token; multinomial, torch.multinomial's one exponential per code, as
 VAR draws) are timed with the cache.
+
+``--compile`` adds the sampler with ``sample.compile`` (up.generation.sampler.
+compile_for_sampling; default draw, cache) on its own copy of the same weights: the first
+batch, timed apart, pays the compile; its tokens are compared with the eager sampler's.
 
 KV cache: without it every scale re-runs the whole prefix, so a forward pass
 processes sum_k end_k tokens instead of L; that ratio is the most the cache
@@ -41,6 +46,7 @@ polled every 2 ms from /proc/self/statm (Linux).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import statistics
@@ -54,7 +60,7 @@ from measure import Printed, cpu_model
 
 from up.core.params import load_params
 from up.core.runtime import resolve_device, setup
-from up.generation.sampler import sample
+from up.generation.sampler import compile_for_sampling, sample
 from up.models.interop import export_var
 from up.models.transformer import VAR
 from up.training.tokenizer import build_tokenizer
@@ -85,17 +91,21 @@ def synchronised(device: torch.device, work) -> float:
     return time.perf_counter() - start
 
 
-def run_batch(params, device, models, use_cache: bool, draw: str, seed: int = 0) -> float:
-    """Seconds to generate one batch with our sampler (uncertainty recorded)."""
+def generate(params, device, models, use_cache: bool, draw: str, seed: int = 0) -> list:
+    """One batch with our sampler (uncertainty recorded): its tokens per scale."""
     var, tokenizer, code_to_cluster = models
     sp = params.sample
     labels = torch.arange(sp.batch_size) % NUM_CLASSES
     generator = torch.Generator(device=device).manual_seed(seed)
-    return synchronised(device, lambda: sample(
-        var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
-        top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, draw=draw, generator=generator,
-        code_to_cluster=code_to_cluster, num_clusters=params.tokenizer.semantic_clusters,
-        use_cache=use_cache))
+    return sample(var, tokenizer, labels, guidance=sp.guidance, guidance_schedule=sp.guidance_schedule,
+                  top_k=sp.top_k, top_p=sp.top_p, temperature=sp.temperature, draw=draw,
+                  generator=generator, code_to_cluster=code_to_cluster,
+                  num_clusters=params.tokenizer.semantic_clusters, use_cache=use_cache)[1]
+
+
+def run_batch(params, device, models, use_cache: bool, draw: str, seed: int = 0) -> float:
+    """Seconds to generate one batch with our sampler (uncertainty recorded)."""
+    return synchronised(device, lambda: generate(params, device, models, use_cache, draw, seed))
 
 
 def cache_bound(patch_nums) -> float:
@@ -181,6 +191,8 @@ def main() -> None:
                         help="scales, e.g. 1,2,3,4,5,6,8,10,13,16 (default: params.yaml's)")
     parser.add_argument("--against-var", type=Path, default=None, metavar="DIR",
                         help="folder holding VAR's models/ package (commit 78b9539)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the sampler with sample.compile (torch.compile'd blocks)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the printed lines to this markdown file")
     args = parser.parse_args()
@@ -205,6 +217,15 @@ def main() -> None:
              f"cache, {OTHER_DRAW[sp.draw]}": (True, OTHER_DRAW[sp.draw])}
     paths = {mode: (lambda use=use, draw=draw: run_batch(params, device, models, use, draw))
              for mode, (use, draw) in modes.items()}
+    if args.compile:
+        compiled = (compile_for_sampling(copy.deepcopy(models[0])),) + models[1:]
+        first = synchronised(device, lambda: generate(params, device, compiled, True, sp.draw))
+        same = all(torch.equal(a, b) for a, b in zip(
+            generate(params, device, compiled, True, sp.draw),
+            generate(params, device, models, True, sp.draw), strict=True))
+        say(f"sample.compile: first batch {first:.1f} s (compile included); tokens "
+            f"{'bitwise equal to' if same else 'DIFFERENT from'} the eager sampler's")
+        paths["cache, compiled"] = lambda: run_batch(params, device, compiled, True, sp.draw)
     if args.against_var is not None:
         if sp.guidance_schedule != "linear" or sp.top_k or sp.top_p < 1 or sp.temperature != 1:
             raise SystemExit("the VAR comparison needs sample.guidance_schedule linear, no top-k/top-p "
@@ -222,6 +243,9 @@ def main() -> None:
         peak = peak_memory_mib(params, device, models, use_cache, draw)
         say(f"{mode:>24}: {rate[mode]:8.1f} images/s  (median of {args.repeats} batches; "
               f"peak memory of one batch {peak:.0f} MiB)")
+    if "cache, compiled" in rate:
+        say(f"{'cache, compiled':>24}: {rate['cache, compiled']:8.1f} images/s  (median of "
+            f"{args.repeats} batches); {rate['cache, compiled'] / rate['cache']:.2f}x eager")
     bound = cache_bound(params.tokenizer.patch_nums)
     speedup = rate["cache"] / rate["no-cache"]
     say(f"KV-cache speed-up: {speedup:.2f}x of at most {bound:.2f}x (token count): "
@@ -234,6 +258,9 @@ def main() -> None:
         say(f"ours / VAR: {rate['cache'] / rate['VAR']:.2f}x with sample.draw {sp.draw}, "
             f"{rate[other] / rate['VAR']:.2f}x with {OTHER_DRAW[sp.draw]} "
             "(ours records per-token uncertainty)")
+        if "cache, compiled" in rate:
+            say(f"ours compiled / VAR: {rate['cache, compiled'] / rate['VAR']:.2f}x "
+                f"(sample.compile, sample.draw {sp.draw}; VAR eager, as its sampler runs)")
     say.save(args.out, sys.argv)
 
 

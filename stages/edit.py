@@ -44,6 +44,7 @@ from up.generation.editing import (
     named_mask,
     uncertainty_map,
 )
+from up.generation.sampler import compile_for_sampling
 from up.models.tokenizer import load_code_clusters, load_tokenizer, to_uint8
 from up.models.transformer import load_var_for_sampling
 
@@ -100,7 +101,8 @@ def editor(params: Params, variant: str, seed: int, checkpoint: Path | None = No
                     sample_at_temperatures=at_temperatures, code_to_cluster=code_to_cluster,
                     num_clusters=num_clusters, kappa=kappa,
                     bf16=device.type == "cuda" and params.train.bf16)
-    return Editor(var.to(device), load_tokenizer(TOKENIZER, device), settings, sp.batch_size, seed)
+    return Editor(compile_for_sampling(var.to(device), sp.compile), load_tokenizer(TOKENIZER, device),
+                  settings, sp.batch_size, seed)
 
 
 def masked_input(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from up.core.errors import StageError
 from up.core.io import save_image_grid
 from up.core.params import Params
 from up.core.runtime import resolve_device
-from up.generation.sampler import sample
+from up.generation.sampler import compile_for_sampling, sample
 from up.models.tokenizer import load_code_clusters, load_tokenizer
 from up.models.transformer import load_var_for_sampling
 
@@ -30,7 +30,7 @@ def run(params: Params, checkpoint: Path, tokenizer: Path, classes: list[int], n
     temperature = sp.temperature if temperature is None else temperature
     device = resolve_device(params.device)
     var, scale_temperatures, at_temperatures = load_var_for_sampling(checkpoint, ema=True)
-    var = var.to(device)
+    var = compile_for_sampling(var.to(device), sp.compile)
     bad = [c for c in classes if not 0 <= c < var.num_classes]
     if bad or not classes or n < 1:
         raise StageError(f"need n >= 1 (got {n}) and classes in 0..{var.num_classes - 1} "

@@ -23,7 +23,7 @@ from up.core.io import save_figure, save_image_grid, save_json, save_torch
 from up.core.params import Params, SampleParams
 from up.core.runtime import resolve_device
 from up.data.sources import spread_classes
-from up.generation.sampler import sample_many
+from up.generation.sampler import compile_for_sampling, sample_many
 from up.models.tokenizer import load_code_clusters, load_tokenizer
 from up.models.transformer import load_var_for_sampling
 
@@ -98,7 +98,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         tokenizer = load_tokenizer(TOKENIZER, device)
         code_to_cluster, num_clusters = load_code_clusters(TOKENIZER)
         var, scale_temperatures, at_temperatures = load_var_for_sampling(checkpoint, ema=True)
-        var = var.to(device)
+        var = compile_for_sampling(var.to(device), sp.compile)
         num_classes = var.num_classes
         classes = torch.arange(num_classes).repeat_interleave(sp.n_per_class)
         labels = torch.full_like(classes, -1) if sp.unconditional else classes

@@ -44,7 +44,7 @@ from up.core.sharding import cat_dicts, map_batches
 from up.data.splits import load_image_split
 from up.evaluation.fidelity import ImageFeatures, SubsetQuality, config_from_params, image_features
 from up.evaluation.selective import class_accuracy, on_class_diversity
-from up.generation.sampler import batch_sampler
+from up.generation.sampler import batch_sampler, compile_for_sampling
 from up.models.tokenizer import load_code_clusters, load_tokenizer
 from up.models.transformer import load_var_for_sampling
 
@@ -107,7 +107,7 @@ def run(params: Params, variant: str, seed: int) -> None:
         tokenizer = load_tokenizer(paths.TOKENIZER, device)
         code_to_cluster, num_clusters = load_code_clusters(paths.TOKENIZER)
         var, scale_temperatures, at_temperatures = load_var_for_sampling(checkpoint, ema=True)
-        var = var.to(device)
+        var = compile_for_sampling(var.to(device), sp.compile)
         labels = torch.arange(var.num_classes).repeat_interleave(sw.n_per_class)
         if len(labels) <= ev.pr_neighborhood:
             raise StageError(f"{len(labels)} samples per sweep row; precision/recall needs "

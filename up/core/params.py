@@ -215,6 +215,7 @@ class SampleParams(Section):
     top_p: float = Field(gt=0, le=1)
     temperature: float = Field(gt=0)
     draw: Literal["inverse_cdf", "multinomial"]  # how a token is drawn (up.generation.sampler)
+    compile: bool  # torch.compile the blocks for sampling (up.generation.sampler.compile_for_sampling)
     unconditional: bool
     save_pngs: bool
     grid_per_class: int = Field(ge=1, le=64)

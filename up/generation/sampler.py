@@ -188,6 +188,21 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
     return images, [i.cpu() for i in indices], dict(maps=maps, image=image, per_scale=per_scale)
 
 
+def compile_for_sampling(var: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """``var`` with each transformer block under torch.compile (``sample.compile``), or as
+    it is. On the CPU the eager forward spends about half its time outside the matrix
+    products (GELU, norms, modulations, residuals, each a pass over memory and a fresh
+    allocation); inductor fuses them (bench/sampling.py --compile measures it). Dynamic
+    shapes: one graph serves every scale's length, batch and cache length, where static
+    shapes would compile once per scale, past dynamo's default limit of 8 at VAR's 10
+    scales. The first batch pays the compile (inductor's on-disk cache keeps it for the
+    next process on the machine), so it pays off on long sampling, not on a few batches."""
+    if enabled:
+        for block in var.blocks:
+            block.compile(dynamic=True)
+    return var
+
+
 def batch_generator(seed: int, batch: int, device: torch.device | str) -> torch.Generator:
     """Batch b's own random stream, a pure function of (seed, b): whichever rank draws a
     batch draws the same tokens, so samples do not depend on the number of processes."""
