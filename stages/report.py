@@ -91,12 +91,14 @@ def report(runs: dict[str, dict[int, dict]], teacher: str, folder: Path,
     doses = dose_table(present(runs, "train"), teacher)
     recorded = any(v is not None for e in doses.values() for k, v in e.items() if k != "seeds")
     sections = dose_markdown(doses, teacher) if recorded else []  # older train files: none
-    curves = {}
+    curves, ablated = {}, {}
     if selection:
         picked = [c["selected_run"] for c in selection.values() if c["loss"] == "kd"]
         references = [b for b in compared if settings[b].get("loss") != "kd"] + picked
         curves = dose.response(with_eval, selection, references)
         sections += dose.markdown(selection, curves)
+        ablated = dose.ablation_response(with_eval, selection)
+        sections += dose.ablation_markdown(ablated)
     edits = present(runs, "edit")
     edit_summary, edit_paired, edit_lines = edit_section(edits, compared) if edits else ({}, {}, [])
     sections += edit_lines
@@ -104,6 +106,7 @@ def report(runs: dict[str, dict[int, dict]], teacher: str, folder: Path,
     save_text(text, folder / paths.SUMMARY_MD.name)
     save_json({"variants": summary, "paired": paired, "confirmatory": confirmatory,
                "dose": doses, "selection": selection, "dose_response": curves,
+               "ablations": ablated,
                "edit": {"variants": edit_summary, "paired": edit_paired}},
               folder / paths.SUMMARY_JSON.name)
     save_json(headline(summary), folder / paths.HEADLINE_JSON.name)

@@ -218,6 +218,23 @@ def test_holm_family_is_the_confirmatory_runs_paired_with_the_baselines(study):
     assert "| up_teacher_se0 |" in explored and "| up_teacher_l32 |" not in explored
 
 
+def test_ablations_sit_beside_the_selected_run(study):
+    """up_teacher_l32 (selected; run index 6) with its dispersion-only (se0, index 7) and
+    semantic-only (disp0, index 8) runs: calibration NLL 2.75 / 3.0 / 3.0; ECE 0.2 -
+    0.00115 i over seeds 0, 1; diversity at class accuracy 0.9: 0.75 + 0.01 i + 0.0005."""
+    ablated = json.loads((study / "summary.json").read_text())["ablations"]
+    assert list(ablated) == ["up · teacher · lambda_se 0.1"]  # kd has no ablations
+    rows = ablated["up · teacher · lambda_se 0.1"]["rows"]
+    assert {r: e["variant"] for r, e in rows.items()} == {
+        "full": "up_teacher_l32", "dispersion only": "up_teacher_se0",
+        "semantic only": "up_teacher_disp0"}
+    assert rows["full"]["calib_nll"]["mean"] == pytest.approx(2.75)
+    assert rows["dispersion only"]["ece"]["mean"] == pytest.approx(0.2 - 0.00115 * 7)
+    assert rows["semantic only"]["diversity"]["mean"] == pytest.approx(0.75 + 0.08 + 0.0005)
+    table = (study / "summary.md").read_text().split("## Ablations at the selected weight")[1]
+    assert "| dispersion only | `up_teacher_se0` | 0,1 | 3 |" in table
+
+
 def test_dose_table_ratios_and_compute_by_hand(study):
     """up_teacher_l32: disp / CE 0.25 and 0.5 over the seeds -> 0.375, se / CE 0.05;
     150 GFLOP against ce's 100 -> 1.5; runs without a dose record show n/a."""

@@ -86,23 +86,43 @@ def select(runs: dict[str, dict[int, dict]], group: dict) -> dict:
             "selected": chosen, "selected_run": run}
 
 
-def exploratory(runs: dict[str, dict[int, dict]], selection: dict[str, dict]) -> list[str]:
-    """The variants outside the confirmatory family: every dose point but the selected
-    run, and the ablations of a selected ``up`` run (same reference, one weight set to 0,
-    the other as selected)."""
-    out = []
-    for chosen in selection.values():
-        for variants in chosen["variants"].values():
-            out += [v for v in variants if v != chosen["selected_run"]]
+ABLATIONS = ("full", "dispersion only", "semantic only")
+
+
+def ablations(runs: dict[str, dict[int, dict]], selection: dict[str, dict]
+              ) -> dict[str, dict[str, str]]:
+    """Per ``up`` group with a selected run: that run (``full``) and those of its ablations
+    present: the same reference with ``lambda_se`` 0 at the selected ``lambda_disp``
+    (``dispersion only``) or ``lambda_disp`` 0 at the selected ``lambda_se`` (``semantic
+    only``). Which term earns the gain is read here."""
+    def settings(variant: str) -> dict:
+        return next(iter(runs[variant].values()))["settings"]
+
+    out = {}
+    for label, chosen in selection.items():
         if chosen["loss"] != "up" or chosen["selected_run"] is None:
             continue
-        picked = next(iter(runs[chosen["selected_run"]].values()))["settings"]
-        for v, by_seed in runs.items():
-            s = next(iter(by_seed.values()))["settings"]
-            if s.get("loss") == "up" and s.get("reference") == picked.get("reference") and (
-                    (s.get("lambda_se") == 0 and s.get("lambda_disp") == picked["lambda_disp"]) or
-                    (s.get("lambda_disp") == 0 and s.get("lambda_se") == picked["lambda_se"])):
-                out.append(v)
+        picked, found = settings(chosen["selected_run"]), {"full": chosen["selected_run"]}
+        for v in runs:
+            s = settings(v)
+            if s.get("loss") != "up" or s.get("reference") != picked.get("reference"):
+                continue
+            if s.get("lambda_se") == 0 and s.get("lambda_disp") == picked["lambda_disp"]:
+                found["dispersion only"] = v
+            elif s.get("lambda_disp") == 0 and s.get("lambda_se") == picked["lambda_se"]:
+                found["semantic only"] = v
+        if len(found) > 1:
+            out[label] = found
+    return out
+
+
+def exploratory(runs: dict[str, dict[int, dict]], selection: dict[str, dict]) -> list[str]:
+    """The variants outside the confirmatory family: every dose point but the selected
+    run, and the ablations of a selected ``up`` run."""
+    out = [v for chosen in selection.values() for variants in chosen["variants"].values()
+           for v in variants if v != chosen["selected_run"]]
+    out += [v for found in ablations(runs, selection).values()
+            for role, v in found.items() if role != "full"]
     return list(dict.fromkeys(out))
 
 
@@ -198,6 +218,43 @@ def markdown(selection: dict[str, dict], curves: dict) -> list[str]:
         for ref, point in data["references"].items():
             seeds = sorted(point["fid"]["values"])
             row = [f"`{ref}`", ",".join(map(str, seeds)), _cell(point["calib_nll"])]
+            row += [_cell(point[key]) for key, _ in FIGURES] + [_cell(point["diversity"])]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def ablation_response(runs: dict[str, dict[int, dict]], selection: dict[str, dict]) -> dict:
+    """Per ``up`` group with ablations: per role (``ABLATIONS``) its variant and figures
+    (``_figures``: ECE, NLL, FID, calibration NLL, diversity at the class accuracy every
+    run of the group's table reaches), per seed and mean."""
+    out = {}
+    for label, found in ablations(runs, selection).items():
+        diversity = matched_diversity(runs, list(found.values()))
+        out[label] = {"level": diversity["level"], "rows": {
+            role: {"variant": v, **_figures(runs[v], diversity["values"].get(v, {}))}
+            for role, v in found.items()}}
+    return out
+
+
+def ablation_markdown(response: dict) -> list[str]:
+    """One table per group: the selected run and each ablation, the same columns as the
+    dose tables."""
+    if not response:
+        return []
+    lines = ["", "## Ablations at the selected weight", "",
+             "Each reference's selected run beside its ablations: dispersion only "
+             "(`lambda_se` 0) and semantic only (`lambda_disp` 0), the other weight as "
+             "selected. Exploratory (outside the Holm family). Cells: mean over seeds; "
+             "diversity at the class accuracy stated (the midpoint of the range every run of "
+             "the table reaches)."]
+    for label, data in response.items():
+        level = "n/a" if data["level"] is None else f"{data['level']:.3g}"
+        head = ["terms", "variant", "seeds", "calib NLL"] + [t for _, t in FIGURES] + [
+            f"diversity @ class acc {level}"]
+        lines += ["", f"### {label}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for role, point in data["rows"].items():
+            row = [role, f"`{point['variant']}`", ",".join(map(str, sorted(point["fid"]["values"]))),
+                   _cell(point["calib_nll"])]
             row += [_cell(point[key]) for key, _ in FIGURES] + [_cell(point["diversity"])]
             lines.append("| " + " | ".join(row) + " |")
     return lines
