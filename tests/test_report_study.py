@@ -225,6 +225,7 @@ def test_ablations_sit_beside_the_selected_run(study):
     ablated = json.loads((study / "summary.json").read_text())["ablations"]
     assert list(ablated) == ["up · teacher · lambda_se 0.1"]  # kd has no ablations
     rows = ablated["up · teacher · lambda_se 0.1"]["rows"]
+    assert ablated["up · teacher · lambda_se 0.1"]["seeds"] == [0, 1]
     assert {r: e["variant"] for r, e in rows.items()} == {
         "full": "up_teacher_l32", "dispersion only": "up_teacher_se0",
         "semantic only": "up_teacher_disp0"}
@@ -233,6 +234,24 @@ def test_ablations_sit_beside_the_selected_run(study):
     assert rows["semantic only"]["diversity"]["mean"] == pytest.approx(0.75 + 0.08 + 0.0005)
     table = (study / "summary.md").read_text().split("## Ablations at the selected weight")[1]
     assert "| dispersion only | `up_teacher_se0` | 0,1 | 3 |" in table
+
+
+def test_ablation_rows_compare_over_the_seeds_every_row_ran():
+    """The selected run has five seeds, its ablations two: the full row is read over
+    seeds 0 and 1 (ECE (0.1 + 0.2) / 2), not over all five (0.3)."""
+    from up.evaluation import dose
+
+    def run(settings, ece):
+        return {"settings": settings, "eval": {"ece": ece, "nll": 3.0, "fid": 1.0},
+                "train": {"calib": {"nll": 3.0}}, "sweep": None}
+
+    full = {**UP, "lambda_disp": 32.0, "lambda_se": 0.1}
+    runs = {"full": {s: run(full, 0.1 * (s + 1)) for s in range(5)},
+            "se0": {s: run({**full, "lambda_se": 0.0}, 0.5) for s in (0, 1)}}
+    selection = {"up": {"loss": "up", "selected_run": "full", "variants": {"32": ["full"]}}}
+    rows = dose.ablation_response(runs, selection)["up"]["rows"]
+    assert rows["full"]["ece"]["mean"] == pytest.approx(0.15)
+    assert sorted(rows["full"]["ece"]["values"]) == [0, 1]
 
 
 def test_dose_table_ratios_and_compute_by_hand(study):

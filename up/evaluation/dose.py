@@ -226,12 +226,15 @@ def markdown(selection: dict[str, dict], curves: dict) -> list[str]:
 def ablation_response(runs: dict[str, dict[int, dict]], selection: dict[str, dict]) -> dict:
     """Per ``up`` group with ablations: per role (``ABLATIONS``) its variant and figures
     (``_figures``: ECE, NLL, FID, calibration NLL, diversity at the class accuracy every
-    run of the group's table reaches), per seed and mean."""
+    run of the group's table reaches), per seed and mean, over the seeds every row ran
+    (the selected run has more: the confirmatory seeds)."""
     out = {}
     for label, found in ablations(runs, selection).items():
-        diversity = matched_diversity(runs, list(found.values()))
-        out[label] = {"level": diversity["level"], "rows": {
-            role: {"variant": v, **_figures(runs[v], diversity["values"].get(v, {}))}
+        seeds = set.intersection(*(set(runs[v]) for v in found.values()))
+        common = {v: {s: r for s, r in runs[v].items() if s in seeds} for v in found.values()}
+        diversity = matched_diversity(common, list(found.values()))
+        out[label] = {"level": diversity["level"], "seeds": sorted(seeds), "rows": {
+            role: {"variant": v, **_figures(common[v], diversity["values"].get(v, {}))}
             for role, v in found.items()}}
     return out
 
@@ -244,9 +247,9 @@ def ablation_markdown(response: dict) -> list[str]:
     lines = ["", "## Ablations at the selected weight", "",
              "Each reference's selected run beside its ablations: dispersion only "
              "(`lambda_se` 0) and semantic only (`lambda_disp` 0), the other weight as "
-             "selected. Exploratory (outside the Holm family). Cells: mean over seeds; "
-             "diversity at the class accuracy stated (the midpoint of the range every run of "
-             "the table reaches)."]
+             "selected. Exploratory (outside the Holm family). Cells: mean over the seeds "
+             "every row of the table ran; diversity at the class accuracy stated (the "
+             "midpoint of the range every run of the table reaches)."]
     for label, data in response.items():
         level = "n/a" if data["level"] is None else f"{data['level']:.3g}"
         head = ["terms", "variant", "seeds", "calib NLL"] + [t for _, t in FIGURES] + [
