@@ -12,10 +12,10 @@ params.yaml (10 classes, one fixed random batch; speed does not depend on the
 data). Its FLOPs are counted once with FlopCounterMode, so each path's rate is
 FLOP / s, printed as a share of the peak of a large fp32 matmul (and of a bf16
 one) timed in the same run at the same thread count: the fp32 matmul is timed again in
-every round beside the steps, and the share is the median over rounds of each round's. ``--against REF`` loads
-up/models/transformer.py as it was at git REF into the same process, copies the
-same initial weights into it and interleaves the two, so the ratio is fair on a
-loaded machine; it also trains both for --check-steps steps from the same
+every round beside the steps, and the share is the median over rounds of each round's.
+``--against REF`` loads up/models/transformer.py as it was at git REF into the same
+process, copies the same initial weights into it and interleaves the two, so the ratio
+is fair on a loaded machine; it also trains both for --check-steps steps from the same
 weights and prints how far their losses drift apart (floating-point noise, if
 the change only reorders arithmetic).
 """

@@ -112,7 +112,7 @@ def ablations(runs: dict[str, dict[int, dict]], selection: dict[str, dict]
             elif s.get("lambda_disp") == 0 and s.get("lambda_se") == picked["lambda_se"]:
                 found["semantic only"] = v
         if len(found) > 1:
-            out[label] = found
+            out[label] = {role: found[role] for role in ABLATIONS if role in found}
     return out
 
 
