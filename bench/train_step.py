@@ -2,22 +2,24 @@
 
 Usage (from the project root):
 
-    python bench/train_step.py                      # the default step of params.yaml
+    python bench/train_step.py                      # the default step of params.yaml, and eager
     python bench/train_step.py --against HEAD~3     # and the transformer of another commit
-    python bench/train_step.py --compile            # and the same step under torch.compile
+    python bench/train_step.py --compile            # the compiled step even if params say eager
 
 The step is the training loop's work for one batch of train.batch_size: forward,
 cross-entropy, backward, gradient clipping and AdamW, on the default VAR of
 params.yaml (10 classes, one fixed random batch; speed does not depend on the
-data). Its FLOPs are counted once with FlopCounterMode, so each path's rate is
+data). The default step is the model under torch.compile when train.compile is true
+(params.yaml's default), and the eager model, the plain reference, is timed beside it.
+Its FLOPs are counted once with FlopCounterMode, so each path's rate is
 FLOP / s, printed as a share of the peak of a large fp32 matmul (and of a bf16
 one) timed in the same run at the same thread count: the fp32 matmul is timed again in
 every round beside the steps, and the share is the median over rounds of each round's.
 ``--against REF`` loads up/models/transformer.py as it was at git REF into the same
-process, copies the same initial weights into it and interleaves the two, so the ratio
-is fair on a loaded machine; it also trains both for --check-steps steps from the same
-weights and prints how far their losses drift apart (floating-point noise, if
-the change only reorders arithmetic).
+process, copies the same initial weights into it and interleaves the paths, so the ratio
+is fair on a loaded machine. Every other path is also trained for --check-steps steps
+from the eager path's weights and the bench prints how far its losses drift from the
+eager ones (floating-point noise, if it only reorders arithmetic).
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def build(module, params, state: dict | None = None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", default=None, metavar="REF", help="git ref of the baseline")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(model) when train.compile is false")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per path")
     parser.add_argument("--check-steps", type=int, default=20,
                         help="steps trained by both paths from one init (loss drift)")
@@ -114,22 +117,28 @@ def main() -> None:
     params = load_params()
     setup(params.seed, params.threads)
     tok, batch_size = params.tokenizer, params.train.batch_size
-    ours = build(transformer, params)
-    state = {k: v.clone() for k, v in ours.state_dict().items()}
-    length = ours.seq_len
+    eager = build(transformer, params)
+    state = {k: v.clone() for k, v in eager.state_dict().items()}
+    length = eager.seq_len
     batch = dict(labels=torch.randint(0, NUM_CLASSES, (batch_size,)),
-                 inputs=torch.randn(batch_size, length - ours.first_l, tok.latent_channels),
+                 inputs=torch.randn(batch_size, length - eager.first_l, tok.latent_channels),
                  targets=torch.randint(0, tok.vocab_size, (batch_size, length)))
-    paths = {"ours": Step(ours, batch, params)}
+    makers = {"eager": lambda: Step(build(transformer, params, state), batch, params)}
     if args.against:
-        paths[args.against] = Step(build(module_at(args.against), params, state), batch, params)
-    if args.compile:
-        compiled = Step(build(transformer, params, state), batch, params)
-        compiled.forward = torch.compile(compiled.model)
-        start = time.perf_counter()
-        compiled.run()
-        say(f"torch.compile: first step {time.perf_counter() - start:.1f} s (compile included)")
-        paths["compiled"] = compiled
+        against = module_at(args.against)
+        makers[args.against] = lambda: Step(build(against, params, state), batch, params)
+    if params.train.compile or args.compile:
+        makers["compiled"] = lambda: compiled_step(build(transformer, params, state), batch, params)
+    default = "compiled" if params.train.compile else "eager"
+    say(f"default step (params.yaml train.compile: {str(params.train.compile).lower()}): {default}")
+    paths = {"eager": Step(eager, batch, params)}
+    for name, make in makers.items():
+        if name not in paths:
+            start = time.perf_counter()
+            paths[name] = make()
+            paths[name].run()
+            say(f"{name}: first step {time.perf_counter() - start:.1f} s (compile included)"
+                if name == "compiled" else f"{name}: loaded")
 
     with FlopCounterMode(display=False) as counter:
         Step(build(transformer, params, state), batch, params).run()
@@ -156,24 +165,34 @@ def main() -> None:
         rate = flops / seconds / 1e9
         share = statistics.median(flops / t / 1e9 / p for t, p in zip(times[name], peaks, strict=True))
         say(f"{name:>12}: {seconds * 1e3:7.1f} ms/step  {rate:6.1f} GFLOP/s = {share:.0%} "
-              f"of the fp32 matmul peak of its round  ({median['ours'] / seconds:.2f}x ours' time)")
+            f"of the fp32 matmul peak of its round  ({median['eager'] / seconds:.2f}x eager's "
+            f"speed){'  <- default' if name == default else ''}")
     say(f"fp32 matmul peak per round: median {statistics.median(peaks):.0f} GFLOP/s "
         f"(range {min(peaks):.0f}-{max(peaks):.0f})")
-    if args.against:
-        say(drift(args.against, params, state, batch, args.check_steps))
+    if args.check_steps:
+        losses = {}
+        for name, make in makers.items():  # fresh steps: the same weights and optimizer state
+            torch.manual_seed(0)
+            step = make()
+            losses[name] = [step.run() for _ in range(args.check_steps)]
+        for name, curve in losses.items():
+            if name != "eager":
+                say(drift(name, curve, losses["eager"]))
     say.save(args.out, sys.argv)
 
 
-def drift(ref: str, params, state: dict, batch: dict, steps: int) -> str:
-    """Train ours and REF's model from the same weights; the largest relative loss gap."""
-    runs = {}
-    for name, module in (("ours", transformer), (ref, module_at(ref))):
-        torch.manual_seed(0)
-        step = Step(build(module, params, state), batch, params)
-        runs[name] = [step.run() for _ in range(steps)]
-    gap = max(abs(a - b) / abs(b) for a, b in zip(runs["ours"], runs[ref], strict=True))
-    return (f"loss over {steps} steps from one init: ours {runs['ours'][-1]:.6f}, {ref} "
-            f"{runs[ref][-1]:.6f}; largest relative gap {gap:.2e}")
+def compiled_step(model, batch: dict, params) -> Step:
+    """The step with the model under torch.compile, as train.compile runs it."""
+    step = Step(model, batch, params)
+    step.forward = torch.compile(model)
+    return step
+
+
+def drift(name: str, losses: list[float], eager: list[float]) -> str:
+    """The largest relative gap between a path's losses and eager's, step by step."""
+    gap = max(abs(a - b) / abs(b) for a, b in zip(losses, eager, strict=True))
+    return (f"loss over {len(eager)} steps from one init: eager {eager[-1]:.7f}, {name} "
+            f"{losses[-1]:.7f}; largest relative gap {gap:.1e}")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,35 @@ def test_up_variant_trains_with_finite_parts_and_temperatures(project):
     assert set(result.metrics["final_loss"]) == {"loss", "ce", "disp", "se"}
 
 
+def test_compiled_training_follows_the_eager_run(project):
+    """train.compile (params.yaml's default) changes how the model runs, not what it learns:
+    from one seed the compiled run's losses and weights stay within floating-point noise
+    of the eager run's. Not bitwise: inductor fuses and reorders the arithmetic."""
+    settings = {"steps": 6, "cond_drop": 0.3}
+    eager = train_tiny(project, tiny_params(train=settings), "up", "eager.pt")
+    compiled = train_tiny(project, tiny_params(train={**settings, "compile": True}), "up",
+                          "compiled.pt")
+    assert [r["step"] for r in compiled.rows] == [r["step"] for r in eager.rows] == [2, 4, 6]
+    for ours, theirs in zip(compiled.rows, eager.rows, strict=True):
+        for key in ("loss", "ce", "disp", "se", "val_ce"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (ours["step"], key)
+    for name, value in eager.model["state_dict"].items():
+        assert torch.allclose(compiled.model["state_dict"][name], value, atol=1e-4), name
+
+
+def test_compile_without_a_cpp_compiler_names_the_param(project, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(StageError, match=r"train.compile: true .* no C\+\+ compiler .* set "
+                                         r"train.compile false"):
+        train_tiny(project, tiny_params(train={"compile": True}), "ce")
+
+
 def test_stage_writes_outputs_and_learns(project):
     import yaml
 

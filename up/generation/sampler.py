@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from up.core.distributed import Dist
+from up.core.inductor import require_compiler
 from up.core.runtime import autocast
 from up.core.sharding import map_batches
 from up.generation.scores import ALL_MEASURES, aggregate, conditional_uncertainty, token_uncertainty
@@ -198,6 +199,7 @@ def compile_for_sampling(var: torch.nn.Module, enabled: bool = True) -> torch.nn
     scales. The first batch pays the compile (inductor's on-disk cache keeps it for the
     next process on the machine), so it pays off on long sampling, not on a few batches."""
     if enabled:
+        require_compiler(next(var.parameters()).device, "sample.compile")
         for block in var.blocks:
             block.compile(dynamic=True)
     return var

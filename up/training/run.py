@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from up.core import paths
 from up.core.distributed import Dist, rank_device, reseed_rank
 from up.core.errors import StageError
+from up.core.inductor import require_compiler
 from up.core.io import load_torch
 from up.core.params import Params
 from up.core.runtime import autocast, resolve_device
@@ -379,6 +380,7 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
         run.net = DistributedDataParallel(model, device_ids=[device.index]
                                           if device.index is not None else None)
     if cfg.compile:  # inductor on CUDA and CPU; its on-disk cache pays the compile once
+        require_compiler(device, "train.compile")
         run.net = torch.compile(run.net)
     return run
 
