@@ -175,9 +175,9 @@ def run_paths(root, checkpoint="ckpt.pt", teacher=None) -> RunPaths:
                     teacher=teacher)
 
 
-def train_tiny(root, params: dict, variant="ce", checkpoint="ckpt.pt", teacher=None):
+def train_tiny(root, params: dict, variant="ce", checkpoint="ckpt.pt", teacher=None, threads=1):
     """build_run + train + finish, as the train stage composes them."""
-    setup(0, 1)
+    setup(0, threads)
     paths = run_paths(root, checkpoint, teacher)
     state = build_run(params_from_yaml(**params), variant, 0, paths)
     train(state, paths.checkpoint)

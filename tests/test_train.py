@@ -202,20 +202,28 @@ def test_up_variant_trains_with_finite_parts_and_temperatures(project):
     assert set(result.metrics["final_loss"]) == {"loss", "ce", "disp", "se"}
 
 
-def test_compiled_training_follows_the_eager_run(project):
-    """train.compile (params.yaml's default) changes how the model runs, not what it learns:
-    from one seed the compiled run's losses and weights stay within floating-point noise
-    of the eager run's. Not bitwise: inductor fuses and reorders the arithmetic."""
-    settings = {"steps": 6, "cond_drop": 0.3}
-    eager = train_tiny(project, tiny_params(train=settings), "up", "eager.pt")
-    compiled = train_tiny(project, tiny_params(train={**settings, "compile": True}), "up",
-                          "compiled.pt")
+def test_compiled_training_follows_the_eager_run_and_repeats_bitwise(project):
+    """train.compile (params.yaml's default) changes how the blocks run, not what the model
+    learns: from one seed the compiled run's losses and weights stay within floating-point
+    noise of the eager run's (not bitwise: inductor fuses and reorders the arithmetic),
+    and a second compiled run repeats the first bitwise. Two threads: with one, inductor's
+    C++ code has no cross-thread atomics, which made a whole compiled model's runs
+    differ (the embeddings' backward); only the blocks are compiled."""
+    # big enough a batch for the threads to race on the embeddings' rows
+    settings, wider = {"steps": 6, "batch_size": 32, "cond_drop": 0.3}, {"width": 64}
+    eager = train_tiny(project, tiny_params(train=settings, transformer=wider), "up", "eager.pt",
+                       threads=2)
+    compiled, again = (train_tiny(project, tiny_params(train={**settings, "compile": True},
+                                                       transformer=wider), "up", name, threads=2)
+                       for name in ("compiled.pt", "again.pt"))
     assert [r["step"] for r in compiled.rows] == [r["step"] for r in eager.rows] == [2, 4, 6]
     for ours, theirs in zip(compiled.rows, eager.rows, strict=True):
         for key in ("loss", "ce", "disp", "se", "val_ce"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (ours["step"], key)
     for name, value in eager.model["state_dict"].items():
         assert torch.allclose(compiled.model["state_dict"][name], value, atol=1e-4), name
+        assert torch.equal(again.model["state_dict"][name], compiled.model["state_dict"][name]), name
+    assert again.rows == compiled.rows
 
 
 def test_compile_without_a_cpp_compiler_names_the_param(project, monkeypatch):

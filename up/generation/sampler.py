@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from up.core.distributed import Dist
-from up.core.inductor import require_compiler
 from up.core.runtime import autocast
 from up.core.sharding import map_batches
 from up.generation.scores import ALL_MEASURES, aggregate, conditional_uncertainty, token_uncertainty
 from up.models.tokenizer import to_uint8
+from up.models.transformer import compile_blocks
 
 
 def guidance_ratio(guidance: float, schedule: str, k: int, num_scales: int) -> float:
@@ -190,19 +190,11 @@ def sample(var, tokenizer, labels: torch.Tensor, *, guidance: float,
 
 
 def compile_for_sampling(var: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
-    """``var`` with each transformer block under torch.compile (``sample.compile``), or as
-    it is. On the CPU the eager forward spends about half its time outside the matrix
-    products (GELU, norms, modulations, residuals, each a pass over memory and a fresh
-    allocation); inductor fuses them (bench/sampling.py --compile measures it). Dynamic
-    shapes: one graph serves every scale's length, batch and cache length, where static
-    shapes would compile once per scale, past dynamo's default limit of 8 at VAR's 10
-    scales. The first batch pays the compile (inductor's on-disk cache keeps it for the
-    next process on the machine), so it pays off on long sampling, not on a few batches."""
-    if enabled:
-        require_compiler(next(var.parameters()).device, "sample.compile")
-        for block in var.blocks:
-            block.compile(dynamic=True)
-    return var
+    """``var`` with its blocks compiled for ``sample.compile`` (:func:`compile_blocks`), or
+    as it is. The first batch pays the compile (inductor's on-disk cache keeps it for the
+    next process on the machine), so it pays off on long sampling, not on a few batches
+    (bench/sampling.py --compile measures it)."""
+    return compile_blocks(var, "sample.compile") if enabled else var
 
 
 def batch_generator(seed: int, batch: int, device: torch.device | str) -> torch.Generator:

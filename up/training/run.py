@@ -39,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel
 from up.core import paths
 from up.core.distributed import Dist, rank_device, reseed_rank
 from up.core.errors import StageError
-from up.core.inductor import require_compiler
 from up.core.io import load_torch
 from up.core.params import Params
 from up.core.runtime import autocast, resolve_device
@@ -52,7 +51,7 @@ from up.models.temperature import (
     token_sample,
 )
 from up.models.tokenizer import load_code_clusters, load_tokenizer
-from up.models.transformer import VAR, load_var
+from up.models.transformer import VAR, compile_blocks, load_var
 from up.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from up.training.loop import StepLoop, check_finite
 from up.training.losses import LossParams, TokenLoss, declaration, variant_loss, variant_params
@@ -380,8 +379,7 @@ def build_run(params: Params, name: str, seed: int, paths: RunPaths, ctx: Dist =
         run.net = DistributedDataParallel(model, device_ids=[device.index]
                                           if device.index is not None else None)
     if cfg.compile:  # inductor on CUDA and CPU; its on-disk cache pays the compile once
-        require_compiler(device, "train.compile")
-        run.net = torch.compile(run.net)
+        compile_blocks(model, "train.compile")
     return run
 
 
