@@ -118,11 +118,11 @@ def main() -> None:
     params = load_params()
     setup(params.seed, params.threads)
     tok, batch_size = params.tokenizer, params.train.batch_size
-    eager = build(transformer, params)
-    state = {k: v.clone() for k, v in eager.state_dict().items()}
-    length = eager.seq_len
+    init = build(transformer, params)
+    state = {k: v.clone() for k, v in init.state_dict().items()}
+    length = init.seq_len
     batch = dict(labels=torch.randint(0, NUM_CLASSES, (batch_size,)),
-                 inputs=torch.randn(batch_size, length - eager.first_l, tok.latent_channels),
+                 inputs=torch.randn(batch_size, length - init.first_l, tok.latent_channels),
                  targets=torch.randint(0, tok.vocab_size, (batch_size, length)))
     makers = {"eager": lambda: Step(build(transformer, params, state), batch, params)}
     if args.against:
@@ -132,14 +132,11 @@ def main() -> None:
         makers["compiled"] = lambda: compiled_step(build(transformer, params, state), batch, params)
     default = "compiled" if params.train.compile else "eager"
     say(f"default step (params.yaml train.compile: {str(params.train.compile).lower()}): {default}")
-    paths = {"eager": Step(eager, batch, params)}
-    for name, make in makers.items():
-        if name not in paths:
-            start = time.perf_counter()
-            paths[name] = make()
-            paths[name].run()
-            say(f"{name}: first step {time.perf_counter() - start:.1f} s (compile included)"
-                if name == "compiled" else f"{name}: loaded")
+    paths = {name: make() for name, make in makers.items()}
+    if "compiled" in paths:
+        start = time.perf_counter()
+        paths["compiled"].run()
+        say(f"compiled: first step {time.perf_counter() - start:.1f} s (compile included)")
 
     with FlopCounterMode(display=False) as counter:
         Step(build(transformer, params, state), batch, params).run()
